@@ -403,6 +403,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stop(procs: list[tuple[str, int]], *, grace: float) -> None:
+    """SIGTERM each process group, wait up to ``grace`` seconds, then SIGKILL."""
+    for _, pid in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM if grace else signal.SIGKILL)
+    deadline = time.monotonic() + max(grace, 5)
+    while time.monotonic() < deadline and any(_alive(pid) for _, pid in procs):
+        if grace and time.monotonic() > deadline - max(grace, 5) + grace:
+            break
+        time.sleep(0.05)
+    for _, pid in procs:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(pid) for _, pid in procs):
+        time.sleep(0.05)
+
+
 def down(root: Path = DEFAULT_ROOT, *, keep: bool = False) -> None:
     """Stop every process of the cluster in ``root`` and check its ports are free."""
     state_file = root / "state.json"
@@ -411,21 +430,18 @@ def down(root: Path = DEFAULT_ROOT, *, keep: bool = False) -> None:
             shutil.rmtree(root, ignore_errors=True)
         return
     state = ClusterState.load(root)
-    # Reverse start order: clients first, etcd last.
-    pids = list(state.pids.items())[::-1]
-    for _, pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(pid) for _, pid in pids):
-        time.sleep(0.05)
-    for name, pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(pid) for _, pid in pids):
-        time.sleep(0.05)
+    # Clients first, then the API server, then its storage: a server whose etcd
+    # vanished first waits out its own timeouts before it exits.
+    stages = [
+        ["kwok", "kube-scheduler", "kube-controller-manager"],
+        ["kube-apiserver"],
+        ["etcd", "versitygw"],
+    ]
+    pids = list(state.pids.items())
+    for stage in stages:
+        group = [(n, p) for n, p in pids if n in stage] or []
+        _stop(group, grace=10)
+    _stop(pids, grace=0)
     left = [name for name, pid in pids if _alive(pid)]
     busy = [f"{name}:{port}" for name, port in state.ports.items() if port_open(port)]
     if not keep:
