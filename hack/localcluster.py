@@ -36,7 +36,9 @@ from pathlib import Path
 HACK_DIR = Path(__file__).resolve().parent
 TOOLS = HACK_DIR / "tools.sh"
 KWOK_STAGES = HACK_DIR / "kwok-stages.yaml"
-DEFAULT_ROOT = Path(os.environ.get("SMARTDIFF_CLUSTER_DIR", f"/tmp/smartdiff-cluster-{os.getuid()}"))
+DEFAULT_ROOT = Path(
+    os.environ.get("SMARTDIFF_CLUSTER_DIR", f"/tmp/smartdiff-cluster-{os.getuid()}")
+)
 
 S3_ACCESS_KEY = "smartdiff"
 S3_SECRET_KEY = "smartdiff-secret-key"
@@ -126,9 +128,23 @@ def _make_cert(pki: Path, name: str, subject: str, *, server: bool = False) -> N
         ext.append("extendedKeyUsage=clientAuth")
     (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
     _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", f"{name}.ext",
-        "-out", f"{name}.crt", cwd=pki,
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-sha256",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=pki,
     )
 
 
@@ -136,10 +152,23 @@ def make_pki(pki: Path) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=pki)
     _openssl(
-        "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=smartdiff-local-ca",
-        "-days", "3650", "-sha256", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        "-out", "ca.crt", cwd=pki,
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=smartdiff-local-ca",
+        "-days",
+        "3650",
+        "-sha256",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        "-out",
+        "ca.crt",
+        cwd=pki,
     )
     _make_cert(pki, "apiserver", "/CN=kube-apiserver", server=True)
     _make_cert(pki, "admin", "/O=system:masters/CN=smartdiff-admin")
@@ -181,11 +210,17 @@ def write_kubeconfig(path: Path, server: str, pki: Path, user: str) -> None:
 # --- processes ----------------------------------------------------------------------
 
 
-def _start(name: str, argv: list[str], logs: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def _start(
+    name: str, argv: list[str], logs: Path, *, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, cwd=cwd,
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=cwd,
     )
 
 
@@ -196,7 +231,9 @@ def _log_tail(logs: Path, name: str, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _wait(what: str, check, timeout: float, procs: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+def _wait(
+    what: str, check, timeout: float, procs: dict[str, subprocess.Popen[bytes]], logs: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, proc in procs.items():
@@ -225,7 +262,9 @@ def _https_ok(url: str, pki: Path) -> bool:
 def _kubectl(kubectl: str, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
     out = subprocess.run(
         [kubectl, "--kubeconfig", str(kubeconfig), *args],
-        input=stdin, capture_output=True, text=True,
+        input=stdin,
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
@@ -263,7 +302,9 @@ def node_manifest(name: str, gpus: int) -> dict[str, object]:
 # --- the cluster --------------------------------------------------------------------
 
 
-def up(root: Path = DEFAULT_ROOT, *, nodes: int = 2, gpus_per_node: int = 8, timeout: float = 90) -> ClusterState:
+def up(
+    root: Path = DEFAULT_ROOT, *, nodes: int = 2, gpus_per_node: int = 8, timeout: float = 90
+) -> ClusterState:
     """Start everything under ``root`` (which must not hold a running cluster)."""
     if (root / "state.json").exists():
         try:
@@ -271,7 +312,9 @@ def up(root: Path = DEFAULT_ROOT, *, nodes: int = 2, gpus_per_node: int = 8, tim
         except (OSError, ValueError, TypeError):
             state = None
         if state and any(_alive(pid) for pid in state.pids.values()):
-            raise ClusterError(f"a cluster is already running in {root}; run `hack/cluster down` first")
+            raise ClusterError(
+                f"a cluster is already running in {root}; run `hack/cluster down` first"
+            )
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     pki, logs = root / "pki", root / "logs"
@@ -283,8 +326,13 @@ def up(root: Path = DEFAULT_ROOT, *, nodes: int = 2, gpus_per_node: int = 8, tim
     server = f"https://127.0.0.1:{ports['apiserver']}"
     admin_kc = root / "kubeconfig"
     state = ClusterState(
-        root=str(root), kubeconfig=str(admin_kc), server=server, ca_file=str(pki / "ca.crt"),
-        s3_endpoint=f"http://127.0.0.1:{ports['s3']}", gpus_per_node=gpus_per_node, ports=ports,
+        root=str(root),
+        kubeconfig=str(admin_kc),
+        server=server,
+        ca_file=str(pki / "ca.crt"),
+        s3_endpoint=f"http://127.0.0.1:{ports['s3']}",
+        gpus_per_node=gpus_per_node,
+        ports=ports,
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -298,70 +346,162 @@ def up(root: Path = DEFAULT_ROOT, *, nodes: int = 2, gpus_per_node: int = 8, tim
         s3_dir, s3_meta = root / "s3" / "data", root / "s3" / "meta"
         s3_dir.mkdir(parents=True)
         s3_meta.mkdir()
-        started("versitygw", _start("versitygw", [
-            tools["versitygw"], "--access", S3_ACCESS_KEY, "--secret", S3_SECRET_KEY,
-            "--region", S3_REGION, "--port", f"127.0.0.1:{ports['s3']}",
-            "posix", "--sidecar", str(s3_meta), str(s3_dir),
-        ], logs))
+        started(
+            "versitygw",
+            _start(
+                "versitygw",
+                [
+                    tools["versitygw"],
+                    "--access",
+                    S3_ACCESS_KEY,
+                    "--secret",
+                    S3_SECRET_KEY,
+                    "--region",
+                    S3_REGION,
+                    "--port",
+                    f"127.0.0.1:{ports['s3']}",
+                    "posix",
+                    "--sidecar",
+                    str(s3_meta),
+                    str(s3_dir),
+                ],
+                logs,
+            ),
+        )
         etcd_url = f"http://127.0.0.1:{ports['etcd']}"
         peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
-        started("etcd", _start("etcd", [
-            tools["etcd"], "--name", "local", "--data-dir", str(root / "etcd"),
-            "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"local={peer_url}", "--unsafe-no-fsync",
-            "--listen-metrics-urls", "", "--log-level", "warn",
-        ], logs))
+        started(
+            "etcd",
+            _start(
+                "etcd",
+                [
+                    tools["etcd"],
+                    "--name",
+                    "local",
+                    "--data-dir",
+                    str(root / "etcd"),
+                    "--listen-client-urls",
+                    etcd_url,
+                    "--advertise-client-urls",
+                    etcd_url,
+                    "--listen-peer-urls",
+                    peer_url,
+                    "--initial-advertise-peer-urls",
+                    peer_url,
+                    "--initial-cluster",
+                    f"local={peer_url}",
+                    "--unsafe-no-fsync",
+                    "--listen-metrics-urls",
+                    "",
+                    "--log-level",
+                    "warn",
+                ],
+                logs,
+            ),
+        )
         _wait("etcd", lambda: port_open(ports["etcd"]), 30, procs, logs)
-        started("kube-apiserver", _start("kube-apiserver", [
-            tools["kube-apiserver"],
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={ports['apiserver']}", f"--cert-dir={pki}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            "--authorization-mode=Node,RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true", "--profiling=false",
-        ], logs))
-        _wait("kube-apiserver /readyz", lambda: _https_ok(f"{server}/readyz", pki), timeout, procs, logs)
+        started(
+            "kube-apiserver",
+            _start(
+                "kube-apiserver",
+                [
+                    tools["kube-apiserver"],
+                    f"--etcd-servers={etcd_url}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    f"--secure-port={ports['apiserver']}",
+                    f"--cert-dir={pki}",
+                    f"--tls-cert-file={pki / 'apiserver.crt'}",
+                    f"--tls-private-key-file={pki / 'apiserver.key'}",
+                    f"--client-ca-file={pki / 'ca.crt'}",
+                    "--authorization-mode=Node,RBAC",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    f"--service-account-key-file={pki / 'sa.pub'}",
+                    f"--service-account-signing-key-file={pki / 'sa.key'}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--allow-privileged=true",
+                    "--profiling=false",
+                ],
+                logs,
+            ),
+        )
+        _wait(
+            "kube-apiserver /readyz",
+            lambda: _https_ok(f"{server}/readyz", pki),
+            timeout,
+            procs,
+            logs,
+        )
 
         write_kubeconfig(admin_kc, server, pki, "admin")
         for user in ("controller-manager", "scheduler"):
             write_kubeconfig(root / f"{user}.kubeconfig", server, pki, user)
         cm_kc = root / "controller-manager.kubeconfig"
-        started("kube-controller-manager", _start("kube-controller-manager", [
-            tools["kube-controller-manager"],
-            f"--kubeconfig={cm_kc}", f"--authentication-kubeconfig={cm_kc}",
-            f"--authorization-kubeconfig={cm_kc}",
-            "--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
-            f"--cluster-signing-key-file={pki / 'ca.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--controllers=*", "--concurrent-gc-syncs=5",
-        ], logs))
+        started(
+            "kube-controller-manager",
+            _start(
+                "kube-controller-manager",
+                [
+                    tools["kube-controller-manager"],
+                    f"--kubeconfig={cm_kc}",
+                    f"--authentication-kubeconfig={cm_kc}",
+                    f"--authorization-kubeconfig={cm_kc}",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                    "--leader-elect=false",
+                    "--use-service-account-credentials=true",
+                    f"--service-account-private-key-file={pki / 'sa.key'}",
+                    f"--root-ca-file={pki / 'ca.crt'}",
+                    f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                    f"--cluster-signing-key-file={pki / 'ca.key'}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--controllers=*",
+                    "--concurrent-gc-syncs=5",
+                ],
+                logs,
+            ),
+        )
         sched_kc = root / "scheduler.kubeconfig"
-        started("kube-scheduler", _start("kube-scheduler", [
-            tools["kube-scheduler"], f"--kubeconfig={sched_kc}",
-            f"--authentication-kubeconfig={sched_kc}", f"--authorization-kubeconfig={sched_kc}",
-            "--bind-address=127.0.0.1", "--secure-port=0", "--leader-elect=false",
-        ], logs))
-        started("kwok", _start("kwok", [
-            tools["kwok"], f"--kubeconfig={admin_kc}", f"--config={KWOK_STAGES}",
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-            f"--cidr={POD_CIDR}", "--node-ip=127.0.0.1", "--node-lease-duration-seconds=40",
-        ], logs))
+        started(
+            "kube-scheduler",
+            _start(
+                "kube-scheduler",
+                [
+                    tools["kube-scheduler"],
+                    f"--kubeconfig={sched_kc}",
+                    f"--authentication-kubeconfig={sched_kc}",
+                    f"--authorization-kubeconfig={sched_kc}",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                    "--leader-elect=false",
+                ],
+                logs,
+            ),
+        )
+        started(
+            "kwok",
+            _start(
+                "kwok",
+                [
+                    tools["kwok"],
+                    f"--kubeconfig={admin_kc}",
+                    f"--config={KWOK_STAGES}",
+                    "--manage-all-nodes=false",
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    f"--cidr={POD_CIDR}",
+                    "--node-ip=127.0.0.1",
+                    "--node-lease-duration-seconds=40",
+                ],
+                logs,
+            ),
+        )
 
         node_names = [f"gpu-node-{i}" for i in range(nodes)]
-        docs = {"apiVersion": "v1", "kind": "List",
-                "items": [node_manifest(n, gpus_per_node) for n in node_names]}
+        docs = {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [node_manifest(n, gpus_per_node) for n in node_names],
+        }
         _kubectl(tools["kubectl"], admin_kc, "apply", "-f", "-", stdin=json.dumps(docs))
         state.nodes = node_names
         state.save()
@@ -370,17 +510,29 @@ def up(root: Path = DEFAULT_ROOT, *, nodes: int = 2, gpus_per_node: int = 8, tim
             out = _kubectl(tools["kubectl"], admin_kc, "get", "nodes", "-o", "json")
             items = json.loads(out)["items"]
             ready = [
-                n for n in items
-                if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+                n
+                for n in items
+                if any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in n["status"].get("conditions", [])
+                )
                 and n["status"].get("allocatable", {}).get(GPU_RESOURCE) == str(gpus_per_node)
             ]
             return len(ready) == nodes
 
         _wait("kwok nodes Ready", nodes_ready, timeout, procs, logs)
         # Pods need the namespace's default ServiceAccount (made by the controller-manager).
-        _wait("the default ServiceAccount",
-              lambda: bool(_kubectl(tools["kubectl"], admin_kc, "get", "serviceaccount", "default", "-o", "name")),
-              timeout, procs, logs)
+        _wait(
+            "the default ServiceAccount",
+            lambda: bool(
+                _kubectl(
+                    tools["kubectl"], admin_kc, "get", "serviceaccount", "default", "-o", "name"
+                )
+            ),
+            timeout,
+            procs,
+            logs,
+        )
         _wait("the S3 server", lambda: port_open(ports["s3"]), timeout, procs, logs)
         return state
     except BaseException:
@@ -452,7 +604,9 @@ def down(root: Path = DEFAULT_ROOT, *, keep: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="state folder (default: %(default)s)")
+    parser.add_argument(
+        "--root", type=Path, default=DEFAULT_ROOT, help="state folder (default: %(default)s)"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="build what is missing and start the cluster and S3 server")
     p_up.add_argument("--nodes", type=int, default=2)
@@ -468,8 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "up":
         t0 = time.monotonic()
         state = up(args.root, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
-        print(f"cluster up in {time.monotonic() - t0:.1f}s: {state.server}, nodes {', '.join(state.nodes)} "
-              f"({state.gpus_per_node} x {GPU_RESOURCE} each); S3 at {state.s3_endpoint}", file=sys.stderr)
+        print(
+            f"cluster up in {time.monotonic() - t0:.1f}s: {state.server}, "
+            f"nodes {', '.join(state.nodes)} ({state.gpus_per_node} x {GPU_RESOURCE} each); "
+            f"S3 at {state.s3_endpoint}",
+            file=sys.stderr,
+        )
         for k, v in state.env().items():
             print(f"export {k}={v}")
         return 0

@@ -33,13 +33,20 @@ class Kubectl:
     binary: str
     kubeconfig: str
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [self.binary, "--kubeconfig", self.kubeconfig, *args],
-            input=stdin, capture_output=True, text=True, timeout=60,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}"
+            )
         return proc
 
     def apply(self, obj: dict[str, Any] | str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -62,8 +69,11 @@ class S3Server:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region,
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
             config=Config(signature_version="s3v4"),
         )
 
@@ -103,7 +113,9 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_server(cluster: localcluster.ClusterState) -> S3Server:
-    return S3Server(cluster.s3_endpoint, cluster.s3_access_key, cluster.s3_secret_key, cluster.s3_region)
+    return S3Server(
+        cluster.s3_endpoint, cluster.s3_access_key, cluster.s3_secret_key, cluster.s3_region
+    )
 
 
 @pytest.fixture
