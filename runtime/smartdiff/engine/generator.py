@@ -1,0 +1,176 @@
+"""The generator: one task through text encoding, iterative denoising and VAE decoding.
+
+Given the :class:`~smartdiff.engine.backend.Backend` (passed in, never global) and a RUNNING
+:class:`~smartdiff.engine.task.Task`, :meth:`Generator.generate` fills the task's buffers stage
+by stage and returns the decoded video. It reproduces diffusers' ``WanPipeline``:
+
+- encode: the prompt (and, with CFG, the negative prompt) through the text encoder, padded to
+  ``max_length`` with zeros past each prompt's tokens;
+- noise: ``torch.randn`` of ``[1, 16, (F-1)//4+1, H//8, W//8]`` in fp32 from a CPU
+  ``torch.Generator`` seeded with the task's seed, then moved to the device, so a seed gives
+  the same initial latents (and video) as diffusers on any device;
+- denoise: for each timestep of the sampler (``smartdiff.samplers``), the DiT on the latents
+  cast to its dtype, classifier-free guidance ``uncond + g * (cond - uncond)`` (computed in
+  fp32) when ``guidance_scale > 1``, the two branches run one after the other
+  (``cfg_mode="sequential"``, as the reference) or as one batch of 2 (``"batched"``), then the
+  sampler step on the fp32 latents; ``on_step(task, step, total)`` after every step;
+- decode: the latents denormalized with the VAE's published mean/std and decoded.
+
+Output: :meth:`Generator.generate` returns (and stores in ``task.buffers.video``) the video as
+a float32 CPU tensor ``[1, 3, T, H, W]`` in ``[-1, 1]``; :func:`to_uint8_frames` turns it into
+``[T, H, W, 3]`` uint8 frames for :func:`smartdiff.io.video.write_mp4`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from smartdiff.engine.backend import Backend
+from smartdiff.engine.task import Task, TaskStatus
+from smartdiff.samplers import SamplerConfig, make_sampler
+
+StepCallback = Callable[[Task, int, int], None]
+"""``on_step(task, step, total)``: called after each denoising step, ``step`` in 1..total."""
+CfgMode = Literal["sequential", "batched"]
+
+
+@dataclass(frozen=True)
+class GeneratorOptions:
+    """How the generator runs (not what it computes: both CFG modes give the same video).
+
+    Args:
+        cfg_mode: ``"sequential"``: conditional then unconditional DiT pass (lower peak memory,
+            the reference's order); ``"batched"``: both in one batch of 2 (fewer launches).
+    """
+
+    cfg_mode: CfgMode = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.cfg_mode not in ("sequential", "batched"):
+            raise ValueError(f"GeneratorOptions.cfg_mode must be 'sequential' or 'batched', "
+                             f"got {self.cfg_mode!r}")
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Standard normal fp32 latents drawn on the CPU from ``seed`` (as diffusers' ``randn_tensor``
+    with a CPU generator), then moved to ``device``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def to_uint8_frames(video: torch.Tensor, index: int = 0) -> np.ndarray:
+    """Video ``[B, 3, T, H, W]`` (or ``[3, T, H, W]``) in ``[-1, 1]`` -> ``[T, H, W, 3]`` uint8.
+
+    Values are clamped to ``[-1, 1]`` and mapped to ``round((x + 1) * 127.5)``; ``index`` picks
+    the batch entry.
+    """
+    if video.ndim == 5:
+        video = video[index]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be [B, 3, T, H, W] or [3, T, H, W], "
+                         f"got {tuple(video.shape)}")
+    frames = ((video.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class Generator:
+    """Runs tasks on a backend. Holds no per-task state: everything lives in the task."""
+
+    def __init__(self, backend: Backend, options: GeneratorOptions | None = None) -> None:
+        self.backend = backend
+        self.options = options or GeneratorOptions()
+
+    def generate(self, task: Task, on_step: StepCallback | None = None) -> torch.Tensor:
+        """Encode, denoise and decode ``task`` (which must be RUNNING); return the video
+        ``[1, 3, T, H, W]`` fp32 on the CPU in ``[-1, 1]`` (also in ``task.buffers.video``).
+
+        Raises :class:`~smartdiff.engine.task.TaskCancelled` if the task is cancelled meanwhile
+        (checked before every stage and step); exceptions of ``on_step`` propagate.
+        """
+        if task.status is not TaskStatus.RUNNING:
+            raise ValueError(f"task {task.id} is {task.status.value}; only a running task can "
+                             "be generated")
+        self.encode(task)
+        self.denoise(task, on_step)
+        return self.decode(task)
+
+    @contextmanager
+    def _timed(self, task: Task, stage: str) -> Iterator[None]:
+        task.raise_if_cancelled()
+        start = time.perf_counter()
+        yield
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+        task.timings[stage] = time.perf_counter() - start
+
+    def encode(self, task: Task) -> None:
+        """Fill ``prompt_embeds`` (and ``negative_embeds`` with CFG) on the device."""
+        backend = self.backend
+        with self._timed(task, "encode"):
+            prompts = [task.params.prompt]
+            if task.params.do_cfg:
+                prompts.append(task.params.negative_prompt)
+            embeds = backend.text_encoder.encode(prompts, device=backend.device,
+                                                 dtype=backend.dtype)
+            task.buffers.prompt_embeds = embeds[:1]
+            task.buffers.negative_embeds = embeds[1:] if task.params.do_cfg else None
+
+    def latent_shape(self, task: Task) -> tuple[int, int, int, int, int]:
+        """``[1, C, F', H', W']`` of the task's latents."""
+        p = task.params
+        return (1, *self.backend.model.latent_shape(p.frames, p.height, p.width))
+
+    def denoise(self, task: Task, on_step: StepCallback | None = None) -> None:
+        """Run every sampler step from fresh noise; leaves fp32 latents in ``task.buffers``."""
+        p = task.params
+        sampler = make_sampler(p.solver, SamplerConfig(num_steps=p.steps, shift=p.shift))
+        timesteps = sampler.timesteps.to(self.backend.device)
+        total = len(timesteps)
+        with self._timed(task, "denoise"):
+            assert task.seed is not None  # set by Task.__post_init__
+            latents = initial_noise(self.latent_shape(task), task.seed, self.backend.device)
+            task.set_progress(0, total)
+            for index in range(total):
+                task.raise_if_cancelled()
+                noise = self.predict_noise(latents, timesteps[index], task)
+                latents = sampler.step(noise, latents, index)
+                task.buffers.latents = latents
+                task.set_progress(index + 1, total)
+                if on_step is not None:
+                    on_step(task, index + 1, total)
+
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor,
+                      task: Task) -> torch.Tensor:
+        """The guided velocity for ``latents [1, C, F, H, W]`` at ``timestep`` (0-d), fp32."""
+        dit = self.backend.dit
+        x = latents.to(dit.dtype)
+        cond: torch.Tensor = task.buffers.prompt_embeds
+        if not task.params.do_cfg:
+            return dit.forward(x, timestep.expand(x.shape[0]), cond).float()
+        uncond: torch.Tensor = task.buffers.negative_embeds
+        if self.options.cfg_mode == "batched":
+            both = dit.forward(torch.cat([x, x]), timestep.expand(2 * x.shape[0]),
+                               torch.cat([cond, uncond]))
+            noise_cond, noise_uncond = both.float().chunk(2)
+        else:
+            noise_cond = dit.forward(x, timestep.expand(x.shape[0]), cond).float()
+            noise_uncond = dit.forward(x, timestep.expand(x.shape[0]), uncond).float()
+        return noise_uncond + task.params.guidance_scale * (noise_cond - noise_uncond)
+
+    def decode(self, task: Task) -> torch.Tensor:
+        """Decode the final latents; store and return the video (see :meth:`generate`)."""
+        vae = self.backend.vae
+        if task.buffers.latents is None:
+            raise ValueError(f"task {task.id} has no latents to decode (denoise first)")
+        with self._timed(task, "decode"):
+            latents = task.buffers.latents.to(device=vae.device, dtype=vae.dtype)
+            video: torch.Tensor = vae.decode(vae.denormalize_latents(latents)).float().cpu()
+        task.buffers.video = video
+        return video
