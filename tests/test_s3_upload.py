@@ -181,6 +181,13 @@ def test_parse_valid_uris(uri: str, bucket: str, key: str, is_prefix: bool) -> N
     location = S3Location.parse(uri)
     assert (location.bucket, location.key, location.is_prefix) == (bucket, key, is_prefix)
     assert location.object_for("n.mp4").key == (key + "n.mp4" if is_prefix else key)
+    assert location.object_for("ns/n.mp4").key == (key + "ns/n.mp4" if is_prefix else key)
+
+
+@pytest.mark.parametrize("name", ["", "/abs.mp4", "a//b.mp4", "../up.mp4", "a/./b.mp4"])
+def test_object_for_refuses_keys_that_escape_the_prefix(name: str) -> None:
+    with pytest.raises(ValueError, match="relative object key"):
+        S3Location.parse("s3://videos/runs/").object_for(name)
 
 
 @pytest.mark.parametrize(

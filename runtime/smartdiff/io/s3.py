@@ -109,11 +109,17 @@ class S3Location:
         return f"s3://{self.bucket}/{self.key}"
 
     def object_for(self, name: str) -> S3Location:
-        """This location if it names an object, else ``prefix + name``."""
+        """This location if it names an object, else ``prefix + name``.
+
+        ``name`` is a relative key (``ns/video.mp4`` is fine); empty parts, a
+        leading ``/`` and ``..`` are refused."""
         if not self.is_prefix:
             return self
-        if not name or "/" in name:
-            raise ValueError(f"name: {name!r} must be a non-empty file name without '/'")
+        parts = name.split("/")
+        if not name or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(
+                f"name: {name!r} must be a relative object key (no empty, '.' or '..' parts)"
+            )
         return S3Location(bucket=self.bucket, key=self.key + name)
 
 
