@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
 from smartdiff.io.checkpoints import (
     CheckpointError,
     load_strict,

@@ -43,7 +43,11 @@ def test_run_example_manifest_with_the_tiny_random_model(tmp_path: Path) -> None
     out = tmp_path / "demo.mp4"
     proc = subprocess.run(
         [sys.executable, "-m", "smartdiff", "run", str(EXAMPLE), "--output", str(out), "--json"],
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
@@ -71,9 +75,16 @@ def test_run_example_manifest_with_the_tiny_random_model(tmp_path: Path) -> None
     from smartdiff.engine.generator import to_uint8_frames
 
     spec = VideoGeneration.from_yaml_file(EXAMPLE).spec
-    request = spec.to_user_params().model_copy(update={
-        "model": "wan-tiny-random", "width": 64, "height": 48, "frames": 5, "fps": 8, "steps": 4,
-    })
+    request = spec.to_user_params().model_copy(
+        update={
+            "model": "wan-tiny-random",
+            "width": 64,
+            "height": 48,
+            "frames": 5,
+            "fps": 8,
+            "steps": 4,
+        }
+    )
     engine = Engine.from_params("wan-tiny-random", SystemParams(device="cpu", dtype="float32"))
     task = engine.submit(request)
     engine.run_until_idle()
@@ -85,12 +96,36 @@ def test_run_example_manifest_with_the_tiny_random_model(tmp_path: Path) -> None
 def test_generate_with_flags_writes_into_a_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli.main([
-        "generate", "--prompt", "a red fox", "--model", "wan-tiny-random", "--width", "32",
-        "--height", "32", "--frames", "5", "--fps", "12", "--steps", "2", "--seed", "7",
-        "--solver", "euler", "--guidance-scale", "1.0", "--output", str(tmp_path),
-        "--name", "fox", "--no-progress",
-    ])
+    code = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a red fox",
+            "--model",
+            "wan-tiny-random",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--frames",
+            "5",
+            "--fps",
+            "12",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--solver",
+            "euler",
+            "--guidance-scale",
+            "1.0",
+            "--output",
+            str(tmp_path),
+            "--name",
+            "fox",
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     out = tmp_path / "fox.mp4"
@@ -106,8 +141,12 @@ def test_generate_with_flags_writes_into_a_directory(
 
 def _manifest(tmp_path: Path, **spec: Any) -> str:
     body = {"prompt": "a cat", "output": {"uri": "s3://videos/out/"}, **spec}
-    doc = {"apiVersion": "smartdiff.io/v1alpha1", "kind": "VideoGeneration",
-           "metadata": {"name": "t"}, "spec": body}
+    doc = {
+        "apiVersion": "smartdiff.io/v1alpha1",
+        "kind": "VideoGeneration",
+        "metadata": {"name": "t"},
+        "spec": body,
+    }
     path = tmp_path / "video.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
     return str(path)
@@ -132,14 +171,17 @@ BAD_GENERATE = [
 ]
 
 
-@pytest.mark.parametrize(("flags", "field", "allowed"), BAD_GENERATE,
-                         ids=[" ".join(case[0]) for case in BAD_GENERATE])
+@pytest.mark.parametrize(
+    ("flags", "field", "allowed"), BAD_GENERATE, ids=[" ".join(case[0]) for case in BAD_GENERATE]
+)
 def test_bad_generate_flags_exit_2_before_loading(
-    flags: list[str], field: str, allowed: str, tmp_path: Path,
+    flags: list[str],
+    field: str,
+    allowed: str,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code = cli.main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"),
-                     *flags])
+    code = cli.main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "x.mp4"), *flags])
     _assert_usage_error(code, capsys.readouterr(), field, allowed)
     assert not (tmp_path / "x.mp4").exists()
 
@@ -150,18 +192,28 @@ BAD_RUN = [
     ({"sampling": {"solver": "ddim"}}, "spec.sampling.solver: solver='ddim'", "'euler'"),
     ({"sampling": {"guidanceScale": -1.0}}, "spec.sampling.guidanceScale", "at least 0"),
     ({"model": {"name": "nope"}}, "spec.model.name: unknown model 'nope'", "wan2.1-t2v-1.3b"),
-    ({"model": {"weights": "s3://models/wan/"}}, "spec.model.weights: 's3://models/wan/'",
-     "--weights PATH"),
-    ({"model": {"weights": "file:///does/not/exist"}}, "spec.model.weights: '/does/not/exist'",
-     "does not exist"),
+    (
+        {"model": {"weights": "s3://models/wan/"}},
+        "spec.model.weights: 's3://models/wan/'",
+        "--weights PATH",
+    ),
+    (
+        {"model": {"weights": "file:///does/not/exist"}},
+        "spec.model.weights: '/does/not/exist'",
+        "does not exist",
+    ),
     ({"colour": "red"}, "spec.colour: unknown field", "prompt"),
 ]
 
 
-@pytest.mark.parametrize(("spec", "field", "allowed"), BAD_RUN,
-                         ids=[json.dumps(case[0]) for case in BAD_RUN])
+@pytest.mark.parametrize(
+    ("spec", "field", "allowed"), BAD_RUN, ids=[json.dumps(case[0]) for case in BAD_RUN]
+)
 def test_bad_manifests_exit_2_before_loading(
-    spec: dict[str, Any], field: str, allowed: str, tmp_path: Path,
+    spec: dict[str, Any],
+    field: str,
+    allowed: str,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     manifest = _manifest(tmp_path, **spec)
@@ -171,12 +223,17 @@ def test_bad_manifests_exit_2_before_loading(
 
 def test_unreadable_manifest_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing.yaml"
-    _assert_usage_error(cli.main(["run", str(missing)]), capsys.readouterr(),
-                        f"{missing}: cannot read the manifest", "No such file")
+    _assert_usage_error(
+        cli.main(["run", str(missing)]),
+        capsys.readouterr(),
+        f"{missing}: cannot read the manifest",
+        "No such file",
+    )
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [unclosed\n")
-    _assert_usage_error(cli.main(["run", str(broken)]), capsys.readouterr(),
-                        f"{broken}: not valid YAML", "line")
+    _assert_usage_error(
+        cli.main(["run", str(broken)]), capsys.readouterr(), f"{broken}: not valid YAML", "line"
+    )
 
 
 def _assert_usage_error(code: int, captured: Any, field: str, allowed: str) -> None:
@@ -196,8 +253,15 @@ def test_argparse_rejects_non_numbers_with_exit_2(capsys: pytest.CaptureFixture[
     assert "argument --width: invalid int value: 'wide'" in capsys.readouterr().err
 
 
-def _s3_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, endpoint: str,
-                    access_key: str, secret_key: str, region: str) -> None:
+def _s3_environment(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    *,
+    endpoint: str,
+    access_key: str,
+    secret_key: str,
+    region: str,
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
@@ -209,20 +273,52 @@ def _s3_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, endpoint
     monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
-TINY = ["--model", "wan-tiny-random", "--width", "32", "--height", "32", "--frames", "1",
-        "--steps", "1", "--seed", "1", "--no-progress"]
+TINY = [
+    "--model",
+    "wan-tiny-random",
+    "--width",
+    "32",
+    "--height",
+    "32",
+    "--frames",
+    "1",
+    "--steps",
+    "1",
+    "--seed",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.mark.cluster
 def test_s3_prefix_output_is_uploaded(
-    s3_server: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    s3_server: Any,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _s3_environment(monkeypatch, tmp_path, endpoint=s3_server.endpoint_url,
-                    access_key=s3_server.access_key, secret_key=s3_server.secret_key,
-                    region=s3_server.region)
-    code = cli.main(["generate", "--prompt", "a cat", *TINY, "--name", "clip", "--json",
-                     "--output", f"s3://{s3_bucket}/videos/"])
+    _s3_environment(
+        monkeypatch,
+        tmp_path,
+        endpoint=s3_server.endpoint_url,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region=s3_server.region,
+    )
+    code = cli.main(
+        [
+            "generate",
+            "--prompt",
+            "a cat",
+            *TINY,
+            "--name",
+            "clip",
+            "--json",
+            "--output",
+            f"s3://{s3_bucket}/videos/",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
@@ -234,15 +330,25 @@ def test_s3_prefix_output_is_uploaded(
 
 
 def test_failed_upload_exits_1_and_keeps_the_local_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _s3_environment(monkeypatch, tmp_path, endpoint="http://127.0.0.1:1", access_key="k",
-                    secret_key="s", region="us-east-1")
-    fast = functools.partial(s3.UploadConfig, attempts=2, request_attempts=1,
-                             backoff_initial_s=0.01, backoff_max_s=0.02)
+    _s3_environment(
+        monkeypatch,
+        tmp_path,
+        endpoint="http://127.0.0.1:1",
+        access_key="k",
+        secret_key="s",
+        region="us-east-1",
+    )
+    fast = functools.partial(
+        s3.UploadConfig, attempts=2, request_attempts=1, backoff_initial_s=0.01, backoff_max_s=0.02
+    )
     monkeypatch.setattr(s3, "UploadConfig", fast)
-    code = cli.main(["generate", "--prompt", "a cat", *TINY, "--name", "clip",
-                     "--output", "s3://videos/out/"])
+    code = cli.main(
+        ["generate", "--prompt", "a cat", *TINY, "--name", "clip", "--output", "s3://videos/out/"]
+    )
     captured = capsys.readouterr()
     assert code == 1, captured.err
     error = captured.err.strip().splitlines()[-1]

@@ -21,8 +21,16 @@ TINY = "wan-tiny-random"
 
 
 def tiny_params(**overrides: object) -> UserParams:
-    fields: dict[str, object] = dict(model=TINY, prompt="a lighthouse at dusk", width=32,
-                                     height=32, frames=5, steps=3, guidance_scale=4.0, seed=7)
+    fields: dict[str, object] = dict(
+        model=TINY,
+        prompt="a lighthouse at dusk",
+        width=32,
+        height=32,
+        frames=5,
+        steps=3,
+        guidance_scale=4.0,
+        seed=7,
+    )
     fields.update(overrides)
     return UserParams(**fields)  # type: ignore[arg-type]
 
@@ -52,8 +60,13 @@ def test_scheduler_task_pool_and_request_import_no_torch() -> None:
         print("ok")
     """)
     env_path = f"{REPO / 'runtime'}"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -66,8 +79,7 @@ def test_fifo_runs_one_task_at_a_time_in_order() -> None:
     first = scheduler.schedule()
     assert [t.id for t in first.tasks] == ["a"]
     assert scheduler.schedule().tasks == first.tasks  # still running: the same task again
-    assert [t.status for t in tasks] == [TaskStatus.RUNNING, TaskStatus.WAITING,
-                                         TaskStatus.WAITING]
+    assert [t.status for t in tasks] == [TaskStatus.RUNNING, TaskStatus.WAITING, TaskStatus.WAITING]
     finished = scheduler.update_from_output([TaskOutcome("a")])
     assert finished == [tasks[0]] and tasks[0].status is TaskStatus.SUCCEEDED
     assert [t.id for t in scheduler.schedule().tasks] == ["b"]
@@ -179,13 +191,15 @@ def test_registry_errors_name_file_and_field(tmp_path: Path) -> None:
 
     text = (REPO / "configs/models/wan-tiny-random.yaml").read_text()
     (tmp_path / "broken.yaml").write_text(
-        text.replace("name: wan-tiny-random", "name: broken").replace("ffn_dim: 48",
-                                                                      "ffn_dims: 48"))
+        text.replace("name: wan-tiny-random", "name: broken").replace("ffn_dim: 48", "ffn_dims: 48")
+    )
     with pytest.raises(ModelConfigError, match="unknown keys \\['ffn_dims'\\] in 'dit'"):
         load_model_config("broken", tmp_path)
     (tmp_path / "broken.yaml").write_text(
-        text.replace("name: wan-tiny-random", "name: broken").replace("text_dim: 32",
-                                                                      "text_dim: 64"))
+        text.replace("name: wan-tiny-random", "name: broken").replace(
+            "text_dim: 32", "text_dim: 64"
+        )
+    )
     with pytest.raises(ModelConfigError, match="dit.text_dim \\(64\\) must equal"):
         load_model_config("broken", tmp_path)
     with pytest.raises(UnknownModelError, match="known models: broken"):

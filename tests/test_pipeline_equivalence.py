@@ -46,9 +46,16 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def unipc_flow_scheduler(shift: float) -> UniPCMultistepScheduler:
     """The scheduler of the published Wan2.1 diffusers checkpoints, with ``flow_shift``."""
     return UniPCMultistepScheduler(
-        num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-        use_flow_sigmas=True, flow_shift=shift, solver_type="bh2", lower_order_final=True,
-        final_sigmas_type="zero", timestep_spacing="linspace", predict_x0=True,
+        num_train_timesteps=1000,
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        solver_type="bh2",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+        predict_x0=True,
     )
 
 
@@ -57,11 +64,19 @@ def diffusers_components(config: ModelConfig) -> dict[str, object]:
     dit, vae = config.dit, config.vae
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(
-        patch_size=dit.patch_size, num_attention_heads=dit.num_heads,
-        attention_head_dim=dit.head_dim, in_channels=dit.in_dim, out_channels=dit.out_dim,
-        text_dim=dit.text_dim, freq_dim=dit.freq_dim, ffn_dim=dit.ffn_dim,
-        num_layers=dit.num_layers, cross_attn_norm=dit.cross_attn_norm,
-        qk_norm="rms_norm_across_heads", eps=dit.eps, rope_max_seq_len=dit.rope_max_seq_len,
+        patch_size=dit.patch_size,
+        num_attention_heads=dit.num_heads,
+        attention_head_dim=dit.head_dim,
+        in_channels=dit.in_dim,
+        out_channels=dit.out_dim,
+        text_dim=dit.text_dim,
+        freq_dim=dit.freq_dim,
+        ffn_dim=dit.ffn_dim,
+        num_layers=dit.num_layers,
+        cross_attn_norm=dit.cross_attn_norm,
+        qk_norm="rms_norm_across_heads",
+        eps=dit.eps,
+        rope_max_seq_len=dit.rope_max_seq_len,
     ).eval()
     with torch.no_grad():  # diffusers zero-inits nothing here, but make every table non-trivial
         transformer.scale_shift_table.normal_(0.0, 0.5)
@@ -69,12 +84,19 @@ def diffusers_components(config: ModelConfig) -> dict[str, object]:
             block.scale_shift_table.normal_(0.0, 0.5)
     torch.manual_seed(1)
     autoencoder = AutoencoderKLWan(
-        base_dim=vae.base_dim, z_dim=vae.z_dim, dim_mult=list(vae.dim_mult),
-        num_res_blocks=vae.num_res_blocks, temperal_downsample=list(vae.temperal_downsample),
+        base_dim=vae.base_dim,
+        z_dim=vae.z_dim,
+        dim_mult=list(vae.dim_mult),
+        num_res_blocks=vae.num_res_blocks,
+        temperal_downsample=list(vae.temperal_downsample),
     ).eval()
     text = TextEncoder.random(config.text_encoder, seed=2)
-    return {"transformer": transformer, "vae": autoencoder, "text_encoder": text.model,
-            "tokenizer": text.tokenizer}
+    return {
+        "transformer": transformer,
+        "vae": autoencoder,
+        "text_encoder": text.model,
+        "tokenizer": text.tokenizer,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,23 +122,44 @@ def reference(saved: tuple[Path, dict[str, object]]) -> dict[str, torch.Tensor]:
         return kwargs
 
     frames = pipe(
-        prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
-        num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-        generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt",
-        callback_on_step_end=keep_latents, max_sequence_length=512,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="pt",
+        callback_on_step_end=keep_latents,
+        max_sequence_length=512,
     ).frames
     return {"latents": captured["latents"], "frames": frames}
 
 
 def params(seed: int = SEED) -> UserParams:
-    return UserParams(model=MODEL, prompt=PROMPT, negative_prompt=NEGATIVE, width=WIDTH,
-                      height=HEIGHT, frames=FRAMES, steps=STEPS, guidance_scale=GUIDANCE,
-                      shift=SHIFT, seed=seed, solver="unipc")
+    return UserParams(
+        model=MODEL,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        width=WIDTH,
+        height=HEIGHT,
+        frames=FRAMES,
+        steps=STEPS,
+        guidance_scale=GUIDANCE,
+        shift=SHIFT,
+        seed=seed,
+        solver="unipc",
+    )
 
 
 def run_ours(root: Path, cfg_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    engine = Engine.from_params(MODEL, SystemParams(device="cpu", dtype="float32"),
-                                weights_path=root, options=GeneratorOptions(cfg_mode=cfg_mode))
+    engine = Engine.from_params(
+        MODEL,
+        SystemParams(device="cpu", dtype="float32"),
+        weights_path=root,
+        options=GeneratorOptions(cfg_mode=cfg_mode),
+    )
     task = engine.submit(params())
     engine.run_until_idle()
     assert task.status is TaskStatus.SUCCEEDED, task.error
@@ -125,8 +168,9 @@ def run_ours(root: Path, cfg_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("cfg_mode", ["sequential", "batched"])
-def test_engine_matches_wan_pipeline(saved: tuple[Path, dict[str, object]],
-                                     reference: dict[str, torch.Tensor], cfg_mode: str) -> None:
+def test_engine_matches_wan_pipeline(
+    saved: tuple[Path, dict[str, object]], reference: dict[str, torch.Tensor], cfg_mode: str
+) -> None:
     latents, frames = run_ours(saved[0], cfg_mode)
     assert latents.shape == reference["latents"].shape == (1, 16, 2, HEIGHT // 8, WIDTH // 8)
     assert frames.shape == reference["frames"].shape == (1, FRAMES, 3, HEIGHT, WIDTH)
@@ -137,11 +181,13 @@ def test_engine_matches_wan_pipeline(saved: tuple[Path, dict[str, object]],
     assert relative_error(frames, reference["frames"]) < RTOL
 
 
-def test_different_seed_gives_different_video(saved: tuple[Path, dict[str, object]],
-                                              reference: dict[str, torch.Tensor]) -> None:
+def test_different_seed_gives_different_video(
+    saved: tuple[Path, dict[str, object]], reference: dict[str, torch.Tensor]
+) -> None:
     """Control: the tolerance above is far below what a change of seed does."""
-    engine = Engine.from_params(MODEL, SystemParams(device="cpu", dtype="float32"),
-                                weights_path=saved[0])
+    engine = Engine.from_params(
+        MODEL, SystemParams(device="cpu", dtype="float32"), weights_path=saved[0]
+    )
     task = engine.submit(params(seed=SEED + 1))
     engine.run_until_idle()
     assert relative_error(task.buffers.latents, reference["latents"]) > 100 * RTOL

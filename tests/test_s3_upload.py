@@ -41,8 +41,14 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_REGION", "AWS_DEFAULT_REGION"):
+    for name in (
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -73,15 +79,22 @@ def _random_file(path: Path, size: int) -> Path:
 
 
 @pytest.mark.cluster
-def test_multipart_upload_stores_the_exact_bytes(s3_env: Any, s3_bucket: str,
-                                                 tmp_path: Path) -> None:
+def test_multipart_upload_stores_the_exact_bytes(
+    s3_env: Any, s3_bucket: str, tmp_path: Path
+) -> None:
     local = _random_file(tmp_path / "big.mp4", 11 * MIB + 123)
     expected = hashlib.sha256(local.read_bytes()).hexdigest()
-    config = UploadConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB,
-                          max_concurrency=2)
+    config = UploadConfig(
+        multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB, max_concurrency=2
+    )
 
-    result = upload_file(local, f"s3://{s3_bucket}/videos/big.mp4",
-                         endpoint_url=s3_env.endpoint_url, region=s3_env.region, config=config)
+    result = upload_file(
+        local,
+        f"s3://{s3_bucket}/videos/big.mp4",
+        endpoint_url=s3_env.endpoint_url,
+        region=s3_env.region,
+        config=config,
+    )
 
     assert result.uri == f"s3://{s3_bucket}/videos/big.mp4"
     assert result.bytes == local.stat().st_size
@@ -134,8 +147,9 @@ def test_unreachable_endpoint_fails_after_retries_and_names_the_kept_file(
     config = UploadConfig(attempts=3, request_attempts=2, **FAST_RETRIES)
     started = time.monotonic()
     with pytest.raises(UploadError) as caught:
-        upload_file(local, "s3://some-bucket/x.mp4", endpoint_url="http://127.0.0.1:1",
-                    config=config)
+        upload_file(
+            local, "s3://some-bucket/x.mp4", endpoint_url="http://127.0.0.1:1", config=config
+        )
     assert caught.value.attempts == 3
     assert caught.value.local_path == local.resolve()
     message = str(caught.value)
@@ -150,20 +164,31 @@ def test_missing_bucket_is_not_retried(s3_env: Any, s3_bucket: str, tmp_path: Pa
     local = _random_file(tmp_path / "v.mp4", 1000)
     config = UploadConfig(attempts=4, **FAST_RETRIES)
     with pytest.raises(UploadError, match="not retryable") as caught:
-        upload_file(local, f"s3://{s3_bucket}-missing/v.mp4",
-                    endpoint_url=s3_env.endpoint_url, region=s3_env.region, config=config)
+        upload_file(
+            local,
+            f"s3://{s3_bucket}-missing/v.mp4",
+            endpoint_url=s3_env.endpoint_url,
+            region=s3_env.region,
+            config=config,
+        )
     assert caught.value.attempts == 1
     assert str(local.resolve()) in str(caught.value)
 
 
 @pytest.mark.cluster
-def test_wrong_credentials_are_not_retried(s3_env: Any, s3_bucket: str, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_credentials_are_not_retried(
+    s3_env: Any, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
     local = _random_file(tmp_path / "v.mp4", 1000)
     with pytest.raises(UploadError, match="not retryable") as caught:
-        upload_file(local, f"s3://{s3_bucket}/v.mp4", endpoint_url=s3_env.endpoint_url,
-                    region=s3_env.region, config=UploadConfig(attempts=4, **FAST_RETRIES))
+        upload_file(
+            local,
+            f"s3://{s3_bucket}/v.mp4",
+            endpoint_url=s3_env.endpoint_url,
+            region=s3_env.region,
+            config=UploadConfig(attempts=4, **FAST_RETRIES),
+        )
     assert caught.value.attempts == 1
 
 

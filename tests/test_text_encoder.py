@@ -21,8 +21,16 @@ from smartdiff.models.text_encoder import (
     clean_prompt,
 )
 
-TINY = TextEncoderConfig(vocab_size=byte_tokenizer_size(), d_model=32, d_ff=64, d_kv=8,
-                         num_layers=2, num_heads=4, max_length=64, tokenizer="byte-level")
+TINY = TextEncoderConfig(
+    vocab_size=byte_tokenizer_size(),
+    d_model=32,
+    d_ff=64,
+    d_kv=8,
+    num_layers=2,
+    num_heads=4,
+    max_length=64,
+    tokenizer="byte-level",
+)
 PROMPTS = [
     "A cat &amp;amp; a dog   bake\ta cake\n together.",  # entities, whitespace runs
     "x",
@@ -38,10 +46,16 @@ def encoder() -> TextEncoder:
 def reference_embeds(encoder: TextEncoder, prompts: list[str], max_length: int) -> torch.Tensor:
     from diffusers import WanPipeline
 
-    pipe = WanPipeline(tokenizer=encoder.tokenizer, text_encoder=encoder.model, vae=None,
-                       scheduler=None, transformer=None)
-    return pipe._get_t5_prompt_embeds(prompts, max_sequence_length=max_length,
-                                      device=torch.device("cpu"))
+    pipe = WanPipeline(
+        tokenizer=encoder.tokenizer,
+        text_encoder=encoder.model,
+        vae=None,
+        scheduler=None,
+        transformer=None,
+    )
+    return pipe._get_t5_prompt_embeds(
+        prompts, max_sequence_length=max_length, device=torch.device("cpu")
+    )
 
 
 @pytest.mark.parametrize("max_length", [512, 24])  # 24 truncates the long prompts
@@ -76,8 +90,9 @@ def test_clean_prompt() -> None:
 
 def test_byte_tokenizer_ids() -> None:
     tokenizer = build_byte_tokenizer(8)
-    batch = tokenizer(["ab"], padding="max_length", max_length=8, truncation=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        ["ab"], padding="max_length", max_length=8, truncation=True, return_tensors="pt"
+    )
     ids = batch["input_ids"][0].tolist()
     assert ids[2:] == [1, 0, 0, 0, 0, 0]  # </s> then <pad>
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
@@ -98,18 +113,23 @@ def test_from_pretrained_round_trip(encoder: TextEncoder, tmp_path: Path) -> Non
     encoder.model.save_pretrained(tmp_path / "text_encoder")
     encoder.tokenizer.save_pretrained(tmp_path / "tokenizer")
     config = dataclasses.replace(TINY, tokenizer="pretrained")
-    loaded = TextEncoder.from_pretrained(tmp_path / "text_encoder", config,
-                                         tokenizer_path=tmp_path / "tokenizer",
-                                         dtype=torch.float32)
+    loaded = TextEncoder.from_pretrained(
+        tmp_path / "text_encoder",
+        config,
+        tokenizer_path=tmp_path / "tokenizer",
+        dtype=torch.float32,
+    )
     torch.testing.assert_close(loaded.encode(PROMPTS), encoder.encode(PROMPTS), rtol=0, atol=0)
 
     wrong = dataclasses.replace(config, d_model=64)
     with pytest.raises(ValueError, match="d_model: folder has 32, model config expects 64"):
-        TextEncoder.from_pretrained(tmp_path / "text_encoder", wrong,
-                                    tokenizer_path=tmp_path / "tokenizer")
+        TextEncoder.from_pretrained(
+            tmp_path / "text_encoder", wrong, tokenizer_path=tmp_path / "tokenizer"
+        )
     with pytest.raises(FileNotFoundError, match="tokenizer folder"):
-        TextEncoder.from_pretrained(tmp_path / "text_encoder", config,
-                                    tokenizer_path=tmp_path / "missing")
+        TextEncoder.from_pretrained(
+            tmp_path / "text_encoder", config, tokenizer_path=tmp_path / "missing"
+        )
 
 
 def test_config_rejects_bad_values() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+
 from smartdiff.io.checkpoints import CheckpointError, read_state_dict, write_sharded
 from smartdiff.models.wan_dit import (
     WanDiT,

@@ -58,23 +58,55 @@ DEMO_MODEL: Final = "wan-tiny-random"
 # Demo runs take these from the tiny model's defaults: they set the cost of a run.
 DEMO_SHAPE_FIELDS: Final = ("width", "height", "frames", "fps", "steps")
 FLAG_OF: Final = {
-    "model": "--model", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
-    "width": "--width", "height": "--height", "frames": "--frames", "fps": "--fps",
-    "steps": "--steps", "guidance_scale": "--guidance-scale", "shift": "--shift",
-    "seed": "--seed", "solver": "--solver", "device": "--device", "dtype": "--dtype",
-    "attention": "--attention", "memory_level": "--memory-level",
+    "model": "--model",
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "width": "--width",
+    "height": "--height",
+    "frames": "--frames",
+    "fps": "--fps",
+    "steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "shift": "--shift",
+    "seed": "--seed",
+    "solver": "--solver",
+    "device": "--device",
+    "dtype": "--dtype",
+    "attention": "--attention",
+    "memory_level": "--memory-level",
 }
 SPEC_PATH_OF: Final = {
-    "model": "spec.model.name", "prompt": "spec.prompt", "negative_prompt": "spec.negativePrompt",
-    "width": "spec.video.width", "height": "spec.video.height", "frames": "spec.video.frames",
-    "fps": "spec.video.fps", "steps": "spec.sampling.steps",
-    "guidance_scale": "spec.sampling.guidanceScale", "shift": "spec.sampling.shift",
-    "seed": "spec.sampling.seed", "solver": "spec.sampling.solver",
-    "dtype": "spec.acceleration.dtype", "attention": "spec.acceleration.attention",
-    "memory_level": "spec.acceleration.memoryLevel", "device": "--device",
+    "model": "spec.model.name",
+    "prompt": "spec.prompt",
+    "negative_prompt": "spec.negativePrompt",
+    "width": "spec.video.width",
+    "height": "spec.video.height",
+    "frames": "spec.video.frames",
+    "fps": "spec.video.fps",
+    "steps": "spec.sampling.steps",
+    "guidance_scale": "spec.sampling.guidanceScale",
+    "shift": "spec.sampling.shift",
+    "seed": "spec.sampling.seed",
+    "solver": "spec.sampling.solver",
+    "dtype": "spec.acceleration.dtype",
+    "attention": "spec.acceleration.attention",
+    "memory_level": "spec.acceleration.memoryLevel",
+    "device": "--device",
 }
-USER_FLAGS: Final = ("model", "prompt", "negative_prompt", "width", "height", "frames", "fps",
-                     "steps", "guidance_scale", "shift", "seed", "solver")
+USER_FLAGS: Final = (
+    "model",
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "frames",
+    "fps",
+    "steps",
+    "guidance_scale",
+    "shift",
+    "seed",
+    "solver",
+)
 SYSTEM_FLAGS: Final = ("device", "dtype", "attention", "memory_level")
 
 
@@ -108,7 +140,8 @@ class Plan:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="smartdiff", description="Text-to-video generation with Wan2.1 (Smart-Diffusion).",
+        prog="smartdiff",
+        description="Text-to-video generation with Wan2.1 (Smart-Diffusion).",
         epilog="Without weights, the tiny RANDOM model wan-tiny-random runs on the CPU: "
         "its videos are noise (a demo of the pipeline, not of the model).",
     )
@@ -118,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate a video from flags")
     generate.add_argument("--prompt", required=True, help="what the video shows")
     generate.add_argument("--negative-prompt", help="what the video should avoid")
-    generate.add_argument("--model", help="model config name (default: wan2.1-t2v-1.3b with "
-                          f"--weights, else {DEMO_MODEL})")
+    generate.add_argument(
+        "--model",
+        help=f"model config name (default: wan2.1-t2v-1.3b with --weights, else {DEMO_MODEL})",
+    )
     for flag, kind, text in (
         ("--width", int, "frame width, a multiple of 16"),
         ("--height", int, "frame height, a multiple of 16"),
@@ -132,15 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         generate.add_argument(flag, type=kind, help=f"{text} (default: the model's)")
     generate.add_argument("--solver", help=f"one of {', '.join(SOLVERS)} (default: the model's)")
-    generate.add_argument("--name", help="output name used with a directory or s3://.../ "
-                          "prefix output (default: smartdiff-<UTC time>)")
-    _add_common(generate, output_help="a .mp4 path, a directory, s3://bucket/key.mp4 or "
-                "s3://bucket/prefix/ (default: ./<name>.mp4)")
+    generate.add_argument(
+        "--name",
+        help="output name used with a directory or s3://.../ "
+        "prefix output (default: smartdiff-<UTC time>)",
+    )
+    _add_common(
+        generate,
+        output_help="a .mp4 path, a directory, s3://bucket/key.mp4 or "
+        "s3://bucket/prefix/ (default: ./<name>.mp4)",
+    )
 
     run = commands.add_parser("run", help="run a VideoGeneration manifest locally")
     run.add_argument("manifest", type=Path, help="a VideoGeneration YAML file (as for kubectl)")
-    _add_common(run, output_help="override spec.output: a .mp4 path, a directory or an s3:// "
-                "URI (default: spec.output.uri; ./<name>.mp4 when random weights run)")
+    _add_common(
+        run,
+        output_help="override spec.output: a .mp4 path, a directory or an s3:// "
+        "URI (default: spec.output.uri; ./<name>.mp4 when random weights run)",
+    )
     return parser
 
 
@@ -195,8 +239,10 @@ def _weights_path(value: str, origin: str, model: ModelConfig) -> Path:
         what = "is not a folder" if path.exists() else "does not exist"
         raise UsageError(f"{origin}: {str(path)!r} {what}; expected a weights folder")
     if model.random_weights:
-        raise UsageError(f"{origin}: model {model.name!r} has random weights and reads no "
-                         "checkpoint; drop the weights or choose another model")
+        raise UsageError(
+            f"{origin}: model {model.name!r} has random weights and reads no "
+            "checkpoint; drop the weights or choose another model"
+        )
     layout = model.weights
     needed = ["dit", "vae", "text_encoder"]
     if model.text_encoder.tokenizer != "byte-level":
@@ -247,8 +293,10 @@ def plan_generate(args: argparse.Namespace) -> Plan:
     model = _load_model(model_name, "--model")
     demo_note = None
     if weights_value is None and not model.random_weights:
-        demo_note = (f"no --weights for model {model.name!r}: running {DEMO_MODEL!r} at its demo "
-                     "shape instead")
+        demo_note = (
+            f"no --weights for model {model.name!r}: running {DEMO_MODEL!r} at its demo "
+            "shape instead"
+        )
         model = _load_model(DEMO_MODEL, "--model")
         fields = _demo_fields(model, requested)
     else:
@@ -266,11 +314,20 @@ def plan_generate(args: argparse.Namespace) -> Plan:
     if args.output is not None and args.output.startswith("s3://"):
         s3_uri = _s3_target(args.output, "--output", prefix_object=f"{name}.mp4")
     else:
-        local_path = _local_output(args.output or f"{name}.mp4", default_name=name,
-                                   origin="--output")
+        local_path = _local_output(
+            args.output or f"{name}.mp4", default_name=name, origin="--output"
+        )
     system = _system_params(args, base={}, random_weights=model.random_weights, origin=FLAG_OF)
-    return Plan(user=user, system=system, model=model, weights=weights, local_path=local_path,
-                s3_uri=s3_uri, demo_note=demo_note, origin=FLAG_OF)
+    return Plan(
+        user=user,
+        system=system,
+        model=model,
+        weights=weights,
+        local_path=local_path,
+        s3_uri=s3_uri,
+        demo_note=demo_note,
+        origin=FLAG_OF,
+    )
 
 
 def plan_run(args: argparse.Namespace) -> Plan:
@@ -287,8 +344,10 @@ def plan_run(args: argparse.Namespace) -> Plan:
         weights_value, weights_origin = spec.model.weights, "spec.model.weights"
     demo_note = None
     if weights_value is None and not model.random_weights:
-        demo_note = (f"spec.model.weights is unset for model {model.name!r}: running "
-                     f"{DEMO_MODEL!r} at its demo shape instead")
+        demo_note = (
+            f"spec.model.weights is unset for model {model.name!r}: running "
+            f"{DEMO_MODEL!r} at its demo shape instead"
+        )
         model = _load_model(DEMO_MODEL, "spec.model.name")
         requested = _demo_fields(model, requested)
     elif model.random_weights:
@@ -298,23 +357,41 @@ def plan_run(args: argparse.Namespace) -> Plan:
     # A prefix gets <namespace>/<name>.mp4 appended, as in the cluster (OutputSpec.object_key).
     local_path, s3_uri = None, None
     if args.output is not None and args.output.startswith("s3://"):
-        s3_uri = _s3_target(args.output, "--output",
-                            prefix_object=f"{manifest.namespace}/{name}.mp4")
+        s3_uri = _s3_target(
+            args.output, "--output", prefix_object=f"{manifest.namespace}/{name}.mp4"
+        )
     elif args.output is None and demo_note is None:
-        s3_uri = _s3_target(spec.output.object_uri(manifest.namespace, name), "spec.output.uri",
-                            prefix_object=f"{name}.mp4")
+        s3_uri = _s3_target(
+            spec.output.object_uri(manifest.namespace, name),
+            "spec.output.uri",
+            prefix_object=f"{name}.mp4",
+        )
     else:  # an explicit local output, or a random-weights demo (noise is not uploaded)
-        local_path = _local_output(args.output or f"{name}.mp4", default_name=name,
-                                   origin="--output")
-    base = {"dtype": spec.acceleration.dtype, "attention": spec.acceleration.attention,
-            "memory_level": spec.acceleration.memory_level}
+        local_path = _local_output(
+            args.output or f"{name}.mp4", default_name=name, origin="--output"
+        )
+    base = {
+        "dtype": spec.acceleration.dtype,
+        "attention": spec.acceleration.attention,
+        "memory_level": spec.acceleration.memory_level,
+    }
     origin = {**SPEC_PATH_OF, **{k: FLAG_OF[k] for k in _given(args, SYSTEM_FLAGS)}}
     system = _system_params(args, base=base, random_weights=model.random_weights, origin=origin)
     if spec.resources.gpus > 1:
-        LOG.warning("spec.resources.gpus=%d: the local CLI runs one process on one device",
-                    spec.resources.gpus)
-    return Plan(user=user, system=system, model=model, weights=weights, local_path=local_path,
-                s3_uri=s3_uri, demo_note=demo_note, origin=origin)
+        LOG.warning(
+            "spec.resources.gpus=%d: the local CLI runs one process on one device",
+            spec.resources.gpus,
+        )
+    return Plan(
+        user=user,
+        system=system,
+        model=model,
+        weights=weights,
+        local_path=local_path,
+        s3_uri=s3_uri,
+        demo_note=demo_note,
+        origin=origin,
+    )
 
 
 def _user_params(fields: dict[str, Any], origin: dict[str, str]) -> UserParams:
@@ -324,8 +401,9 @@ def _user_params(fields: dict[str, Any], origin: dict[str, str]) -> UserParams:
         raise UsageError(_describe(error, origin)) from None
 
 
-def _system_params(args: argparse.Namespace, *, base: dict[str, Any], random_weights: bool,
-                   origin: dict[str, str]) -> SystemParams:
+def _system_params(
+    args: argparse.Namespace, *, base: dict[str, Any], random_weights: bool, origin: dict[str, str]
+) -> SystemParams:
     fields = dict(base)
     if random_weights:  # the demo runs on the CPU in fp32 unless asked otherwise
         fields.update(device="cpu", dtype="float32")
@@ -371,8 +449,14 @@ class _Progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=0.2)
+            self.bar = tqdm(
+                total=total,
+                desc="denoise",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.2,
+            )
         self.bar.update(step - self.bar.n)
         if step == total:
             self.close()
@@ -411,11 +495,15 @@ def execute(plan: Plan, *, progress: bool, as_json: bool) -> int:
     _banner(plan)
     started = time.perf_counter()
     bar = _Progress(progress)
-    LOG.info("loading %s (%s) on %s, %s", plan.model.name,
-             plan.weights or "random weights", plan.system.device, plan.system.dtype)
+    LOG.info(
+        "loading %s (%s) on %s, %s",
+        plan.model.name,
+        plan.weights or "random weights",
+        plan.system.device,
+        plan.system.dtype,
+    )
     try:
-        engine = Engine.from_params(plan.model, plan.system, weights_path=plan.weights,
-                                    on_step=bar)
+        engine = Engine.from_params(plan.model, plan.system, weights_path=plan.weights, on_step=bar)
         task = engine.submit(plan.user)
         engine.run_until_idle()
     except Exception as error:  # noqa: BLE001 -- reported as one line, exit 1
@@ -452,27 +540,57 @@ def execute(plan: Plan, *, progress: bool, as_json: bool) -> int:
         output = uploaded.uri
         shutil.rmtree(video.path.parent, ignore_errors=True)  # the staging folder
     timings["total"] = time.perf_counter() - started
-    _summary(plan, output=output, size=video.bytes, sha256=video.sha256, seed=task.seed,
-             timings=timings, as_json=as_json)
+    _summary(
+        plan,
+        output=output,
+        size=video.bytes,
+        sha256=video.sha256,
+        seed=task.seed,
+        timings=timings,
+        as_json=as_json,
+    )
     return EXIT_OK
 
 
-def _summary(plan: Plan, *, output: str, size: int, sha256: str, seed: int | None,
-             timings: dict[str, float], as_json: bool) -> None:
+def _summary(
+    plan: Plan,
+    *,
+    output: str,
+    size: int,
+    sha256: str,
+    seed: int | None,
+    timings: dict[str, float],
+    as_json: bool,
+) -> None:
     u = plan.user
     if as_json:
-        print(json.dumps({
-            "output": output, "bytes": size, "sha256": sha256, "seed": seed,
-            "model": plan.model.name, "randomWeights": plan.demo_note is not None,
-            "width": u.width, "height": u.height, "frames": u.frames, "fps": u.fps,
-            "steps": u.steps, "timings": {k: round(v, 4) for k, v in timings.items()},
-        }))
+        print(
+            json.dumps(
+                {
+                    "output": output,
+                    "bytes": size,
+                    "sha256": sha256,
+                    "seed": seed,
+                    "model": plan.model.name,
+                    "randomWeights": plan.demo_note is not None,
+                    "width": u.width,
+                    "height": u.height,
+                    "frames": u.frames,
+                    "fps": u.fps,
+                    "steps": u.steps,
+                    "timings": {k: round(v, 4) for k, v in timings.items()},
+                }
+            )
+        )
         return
     stages = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in timings.items())
     noise = " [RANDOM WEIGHTS: noise]" if plan.demo_note else ""
-    print(f"smartdiff: wrote {output} ({size} bytes, sha256 {sha256}) | {plan.model.name} "
-          f"{u.width}x{u.height}x{u.frames}@{u.fps}fps, {u.steps} steps, seed {seed}{noise} | "
-          f"{stages}", flush=True)
+    print(
+        f"smartdiff: wrote {output} ({size} bytes, sha256 {sha256}) | {plan.model.name} "
+        f"{u.width}x{u.height}x{u.frames}@{u.fps}fps, {u.steps} steps, seed {seed}{noise} | "
+        f"{stages}",
+        flush=True,
+    )
 
 
 def _error(message: str) -> None:

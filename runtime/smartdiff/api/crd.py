@@ -86,12 +86,31 @@ PRINTER_COLUMNS: Final[list[dict[str, Any]]] = [
 ]
 
 # Key order of a schema node in the YAML (readability only; unknown keys go last).
-_KEY_ORDER: Final = (
-    "description type format default enum minimum exclusiveMinimum maximum exclusiveMaximum "
-    "minLength maxLength pattern minItems maxItems minProperties maxProperties items "
-    "properties additionalProperties required x-kubernetes-list-type "
-    "x-kubernetes-list-map-keys x-kubernetes-validations"
-).split()
+_KEY_ORDER: Final = [
+    "description",
+    "type",
+    "format",
+    "default",
+    "enum",
+    "minimum",
+    "exclusiveMinimum",
+    "maximum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "items",
+    "properties",
+    "additionalProperties",
+    "required",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-validations",
+]
 _DROPPED: Final = frozenset({"title", "$defs", "discriminator"})
 
 

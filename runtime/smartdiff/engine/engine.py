@@ -52,9 +52,15 @@ class Engine:
         on_finish: called with each task that finishes while the engine runs it.
     """
 
-    def __init__(self, backend: Backend, *, scheduler: Scheduler | None = None,
-                 options: GeneratorOptions | None = None, on_step: StepCallback | None = None,
-                 on_finish: FinishCallback | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        scheduler: Scheduler | None = None,
+        options: GeneratorOptions | None = None,
+        on_step: StepCallback | None = None,
+        on_finish: FinishCallback | None = None,
+    ) -> None:
         self.backend = backend
         self.scheduler = scheduler or FifoScheduler(TaskPool())
         self.generator = Generator(backend, options)
@@ -62,10 +68,16 @@ class Engine:
         self.on_finish = on_finish
 
     @classmethod
-    def from_params(cls, model: ModelConfig | str, system: SystemParams, *,
-                    weights_path: str | os.PathLike[str] | None = None,
-                    options: GeneratorOptions | None = None, on_step: StepCallback | None = None,
-                    on_finish: FinishCallback | None = None) -> Engine:
+    def from_params(
+        cls,
+        model: ModelConfig | str,
+        system: SystemParams,
+        *,
+        weights_path: str | os.PathLike[str] | None = None,
+        options: GeneratorOptions | None = None,
+        on_step: StepCallback | None = None,
+        on_finish: FinishCallback | None = None,
+    ) -> Engine:
         """Load the backend (see :meth:`Backend.from_params`) and build an engine on it."""
         config = load_model_config(model) if isinstance(model, str) else model
         backend = Backend.from_params(config, system, weights_path)
@@ -103,8 +115,12 @@ class Engine:
         outcomes = [self._run(task) for task in scheduled.tasks]
         finished = self.scheduler.update_from_output(outcomes)
         for task in finished:
-            LOG.info("task %s %s (timings %s)", task.id, task.status.value,
-                     {k: round(v, 3) for k, v in task.timings.items()})
+            LOG.info(
+                "task %s %s (timings %s)",
+                task.id,
+                task.status.value,
+                {k: round(v, 3) for k, v in task.timings.items()},
+            )
             if self.on_finish is not None:
                 self.on_finish(task)
         return finished

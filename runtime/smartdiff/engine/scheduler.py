@@ -93,8 +93,9 @@ class FifoScheduler(Scheduler):
 
     def add_request(self, task: Task) -> None:
         if task.status is not TaskStatus.WAITING:
-            raise ValueError(f"task {task.id!r} is {task.status.value}; only a waiting task "
-                             "can be queued")
+            raise ValueError(
+                f"task {task.id!r} is {task.status.value}; only a waiting task can be queued"
+            )
         if task.id not in self.pool:
             self.pool.add(task)
         elif self.pool.get(task.id) is not task:
@@ -118,8 +119,10 @@ class FifoScheduler(Scheduler):
         finished: list[Task] = []
         for outcome in outcomes:
             if outcome.task_id != self._running:
-                raise ValueError(f"outcome for task {outcome.task_id!r}, but the running task "
-                                 f"is {self._running!r}")
+                raise ValueError(
+                    f"outcome for task {outcome.task_id!r}, but the running task "
+                    f"is {self._running!r}"
+                )
             task = self.pool.get(outcome.task_id)
             self._running = None
             if task.status is TaskStatus.RUNNING:
@@ -146,4 +149,5 @@ class FifoScheduler(Scheduler):
 
     def has_unfinished(self) -> bool:
         return self._running is not None or any(
-            self.pool.get(task_id).status is TaskStatus.WAITING for task_id in self._waiting)
+            self.pool.get(task_id).status is TaskStatus.WAITING for task_id in self._waiting
+        )

@@ -44,8 +44,7 @@ class TaskStatus(StrEnum):
 
 _ALLOWED_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.WAITING: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
-    TaskStatus.RUNNING: frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED,
-                                   TaskStatus.CANCELLED}),
+    TaskStatus.RUNNING: frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
     TaskStatus.SUCCEEDED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
@@ -117,8 +116,9 @@ class Task:
         if not isinstance(self.id, str) or not self.id:
             raise ValueError(f"Task.id must be a non-empty string, got {self.id!r}")
         if self.seed is None:
-            self.seed = self.params.seed if self.params.seed is not None \
-                else secrets.randbelow(SEED_LIMIT)
+            self.seed = (
+                self.params.seed if self.params.seed is not None else secrets.randbelow(SEED_LIMIT)
+            )
 
     @property
     def finished(self) -> bool:

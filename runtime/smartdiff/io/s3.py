@@ -47,12 +47,26 @@ DEFAULT_REGION = "us-east-1"
 SHA256_METADATA_KEY = "sha256"
 ChecksumAlgorithm = Literal["SHA256", "SHA1", "CRC32", "CRC32C", "CRC64NVME"]
 # Error codes that no retry can fix: fail at once.
-_PERMANENT_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "NoSuchBucket", "InvalidBucketName", "AuthorizationHeaderMalformed", "InvalidRequest",
-    "InvalidArgument", "NotImplemented", "MethodNotAllowed", "AccountProblem",
-    "ExpiredToken", "InvalidToken", "EntityTooLarge", "KMS.DisabledException",
-})
+_PERMANENT_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "AuthorizationHeaderMalformed",
+        "InvalidRequest",
+        "InvalidArgument",
+        "NotImplemented",
+        "MethodNotAllowed",
+        "AccountProblem",
+        "ExpiredToken",
+        "InvalidToken",
+        "EntityTooLarge",
+        "KMS.DisabledException",
+    }
+)
 
 
 class UploadError(RuntimeError):
@@ -73,9 +87,7 @@ class S3Location:
     key: str
 
     def __post_init__(self) -> None:
-        if not _BUCKET_RE.match(self.bucket) or ".." in self.bucket or _IPV4_RE.match(
-            self.bucket
-        ):
+        if not _BUCKET_RE.match(self.bucket) or ".." in self.bucket or _IPV4_RE.match(self.bucket):
             raise ValueError(
                 f"bucket: {self.bucket!r} is not a valid S3 bucket name; expected 3-63 "
                 "characters of lowercase letters, digits, '.' and '-', starting and ending "
@@ -94,7 +106,7 @@ class S3Location:
                 f"{field}: {uri!r} is not an S3 URI; expected s3://bucket/key or "
                 "s3://bucket/prefix/"
             )
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         try:
             return cls(bucket=bucket, key=key)
         except ValueError as error:
@@ -164,8 +176,7 @@ class UploadConfig:
         for name in ("max_concurrency", "attempts", "request_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} is not allowed; expected >= 1")
-        for name in ("backoff_initial_s", "backoff_max_s", "connect_timeout_s",
-                     "read_timeout_s"):
+        for name in ("backoff_initial_s", "backoff_max_s", "connect_timeout_s", "read_timeout_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: {getattr(self, name)} is not allowed; expected >= 0")
 
@@ -335,8 +346,9 @@ def upload_file(
         preferred_transfer_client="classic",
     )
     extra_args: dict[str, object] = {
-        "ContentType": "video/mp4" if local.suffix.lower() == ".mp4" else
-        "application/octet-stream",
+        "ContentType": "video/mp4"
+        if local.suffix.lower() == ".mp4"
+        else "application/octet-stream",
         "Metadata": {SHA256_METADATA_KEY: sha256},
     }
     if config.checksum_algorithm is not None:
@@ -362,6 +374,8 @@ def upload_file(
                     f"upload of {local} to {target.uri}{where} failed after {attempt} "
                     f"attempt(s) ({verdict}): {type(error).__name__}: {error}; "
                     f"the local file was kept at {local}",
-                    local_path=local, uri=target.uri, attempts=attempt,
+                    local_path=local,
+                    uri=target.uri,
+                    attempts=attempt,
                 ) from error
             time.sleep(config.backoff_s(attempt))

@@ -31,8 +31,15 @@ DEFAULT_CRF = 18  # visually near-lossless for libx264; 0 is lossless, 51 the wo
 DEFAULT_PRESET = "medium"
 _HASH_CHUNK = 8 * 1024 * 1024
 _PRESETS = (
-    "ultrafast", "superfast", "veryfast", "faster", "fast",
-    "medium", "slow", "slower", "veryslow",
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
 )
 
 
@@ -115,24 +122,38 @@ def _encode_command(
     return [
         imageio_ffmpeg.get_ffmpeg_exe(),
         "-hide_banner",
-        "-loglevel", "error",
+        "-loglevel",
+        "error",
         "-y",
-        "-f", "rawvideo",
-        "-pix_fmt", "rgb24",
-        "-s", f"{width}x{height}",
-        "-r", f"{fps:g}",
-        "-i", "pipe:0",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{width}x{height}",
+        "-r",
+        f"{fps:g}",
+        "-i",
+        "pipe:0",
         "-an",
         # Convert RGB with the BT.709 matrix to limited range (swscale's default would be
         # BT.601) and tag the stream accordingly, so players decode the colours we meant.
-        "-vf", "scale=out_color_matrix=bt709:out_range=tv",
-        "-c:v", H264_CODEC,
-        "-preset", preset,
-        "-crf", str(crf),
-        "-pix_fmt", PIXEL_FORMAT,
-        "-x264-params", "colorprim=bt709:transfer=bt709:colormatrix=bt709:range=tv",
-        "-movflags", "+faststart",
-        "-f", "mp4",
+        "-vf",
+        "scale=out_color_matrix=bt709:out_range=tv",
+        "-c:v",
+        H264_CODEC,
+        "-preset",
+        preset,
+        "-crf",
+        str(crf),
+        "-pix_fmt",
+        PIXEL_FORMAT,
+        "-x264-params",
+        "colorprim=bt709:transfer=bt709:colormatrix=bt709:range=tv",
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
         str(path),
     ]
 
@@ -208,8 +229,13 @@ def write_mp4(
         temp_path.unlink(missing_ok=True)
         raise
     return VideoFile(
-        path=destination, bytes=size, sha256=digest,
-        width=width, height=height, frames=num, fps=float(fps),
+        path=destination,
+        bytes=size,
+        sha256=digest,
+        width=width,
+        height=height,
+        frames=num,
+        fps=float(fps),
     )
 
 

@@ -25,9 +25,20 @@ from smartdiff.models.wan_vae import WanVAEConfig
 
 CONFIG_DIR_ENV: Final = "SMARTDIFF_MODEL_CONFIGS"
 FAMILIES: Final = ("wan2.1-t2v",)
-_TOP_LEVEL_KEYS: Final = frozenset({"name", "family", "description", "random_weights",
-                                    "random_seed", "dit", "vae", "text_encoder", "weights",
-                                    "defaults"})
+_TOP_LEVEL_KEYS: Final = frozenset(
+    {
+        "name",
+        "family",
+        "description",
+        "random_weights",
+        "random_seed",
+        "dit",
+        "vae",
+        "text_encoder",
+        "weights",
+        "defaults",
+    }
+)
 
 
 class UnknownModelError(KeyError):
@@ -119,8 +130,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"ModelConfig.family must be one of {', '.join(FAMILIES)}, "
-                             f"got {self.family!r}")
+            raise ValueError(
+                f"ModelConfig.family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
+            )
         if self.dit.text_dim != self.text_encoder.d_model:
             raise ValueError(
                 f"ModelConfig {self.name!r}: dit.text_dim ({self.dit.text_dim}) must equal "
@@ -164,8 +176,7 @@ def known_models(config_dir: str | os.PathLike[str] | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def load_model_config(name: str, config_dir: str | os.PathLike[str] | None = None
-                      ) -> ModelConfig:
+def load_model_config(name: str, config_dir: str | os.PathLike[str] | None = None) -> ModelConfig:
     """Read ``<config_dir>/<name>.yaml``; raise :class:`UnknownModelError` for an unknown name."""
     folder = Path(config_dir) if config_dir is not None else default_config_dir()
     known = known_models(folder)
@@ -186,19 +197,28 @@ def parse_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ModelConfigError(f"model config {str(path)!r} must be a mapping, got {raw!r}")
     unknown = sorted(set(raw) - _TOP_LEVEL_KEYS)
     if unknown:
-        raise ModelConfigError(f"model config {str(path)!r}: unknown keys {unknown}; allowed: "
-                               f"{sorted(_TOP_LEVEL_KEYS)}")
+        raise ModelConfigError(
+            f"model config {str(path)!r}: unknown keys {unknown}; allowed: "
+            f"{sorted(_TOP_LEVEL_KEYS)}"
+        )
     if raw.get("name") != path.stem:
-        raise ModelConfigError(f"model config {str(path)!r}: name {raw.get('name')!r} must "
-                               f"equal the file name {path.stem!r}")
+        raise ModelConfigError(
+            f"model config {str(path)!r}: name {raw.get('name')!r} must "
+            f"equal the file name {path.stem!r}"
+        )
     sections: dict[str, Any] = {}
-    for key, cls in (("dit", WanDiTConfig), ("vae", WanVAEConfig),
-                     ("text_encoder", TextEncoderConfig), ("weights", WeightsLayout),
-                     ("defaults", ModelDefaults)):
+    for key, cls in (
+        ("dit", WanDiTConfig),
+        ("vae", WanVAEConfig),
+        ("text_encoder", TextEncoderConfig),
+        ("weights", WeightsLayout),
+        ("defaults", ModelDefaults),
+    ):
         if key in raw or key in ("dit", "vae", "text_encoder"):
             sections[key] = _build(cls, raw.get(key), path, key)
-    scalars = {k: raw[k] for k in ("family", "description", "random_weights", "random_seed")
-               if k in raw}
+    scalars = {
+        k: raw[k] for k in ("family", "description", "random_weights", "random_seed") if k in raw
+    }
     try:
         return ModelConfig(name=raw["name"], **sections, **scalars)
     except (TypeError, ValueError) as exc:
@@ -207,13 +227,16 @@ def parse_model_config(path: str | os.PathLike[str]) -> ModelConfig:
 
 def _build(cls: type[Any], section: Any, path: Path, key: str) -> Any:
     if not isinstance(section, dict):
-        raise ModelConfigError(f"model config {str(path)!r}: section {key!r} must be a mapping, "
-                               f"got {section!r}")
+        raise ModelConfigError(
+            f"model config {str(path)!r}: section {key!r} must be a mapping, got {section!r}"
+        )
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - allowed)
     if unknown:
-        raise ModelConfigError(f"model config {str(path)!r}: unknown keys {unknown} in "
-                               f"{key!r}; allowed: {sorted(allowed)}")
+        raise ModelConfigError(
+            f"model config {str(path)!r}: unknown keys {unknown} in "
+            f"{key!r}; allowed: {sorted(allowed)}"
+        )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
     try:
         return cls(**values)
