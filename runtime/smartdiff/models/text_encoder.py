@@ -19,9 +19,31 @@ Two ways to get one:
 - :meth:`TextEncoder.from_pretrained`: real weights from a Hugging Face folder (``config.json``
   + safetensors for ``UMT5EncoderModel``, tokenizer files for ``AutoTokenizer``), read with
   ``local_files_only`` (nothing is downloaded);
+- :meth:`TextEncoder.from_official_checkpoint`: the official Wan release's
+  ``models_t5_umt5-xxl-enc-bf16.pth`` (a plain state dict in the official Wan T5 naming, read
+  with ``torch.load(weights_only=True)``: no code runs from the checkpoint), renamed to the
+  transformers naming by :func:`official_t5_to_transformers`, plus the ``google/umt5-xxl``
+  tokenizer folder shipped next to it;
 - :meth:`TextEncoder.random`: RANDOM weights for tests and demos, with a byte-level tokenizer
   built in-process by the ``tokenizers`` library (:func:`build_byte_tokenizer`), deterministic
   for a seed. It encodes any text but its embeddings mean nothing.
+
+The official naming (Wan2.1 ``wan/modules/t5.py``, ``T5Encoder`` with ``shared_pos=False``)
+against transformers' ``UMT5EncoderModel``::
+
+    token_embedding.weight                  shared.weight (tied to encoder.embed_tokens.weight)
+    blocks.N.norm1.weight                   encoder.block.N.layer.0.layer_norm.weight
+    blocks.N.attn.{q,k,v,o}.weight          encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight
+    blocks.N.pos_embedding.embedding.weight encoder.block.N.layer.0.SelfAttention
+                                              .relative_attention_bias.weight
+    blocks.N.norm2.weight                   encoder.block.N.layer.1.layer_norm.weight
+    blocks.N.ffn.gate.0.weight              encoder.block.N.layer.1.DenseReluDense.wi_0.weight
+    blocks.N.ffn.fc1.weight                 encoder.block.N.layer.1.DenseReluDense.wi_1.weight
+    blocks.N.ffn.fc2.weight                 encoder.block.N.layer.1.DenseReluDense.wo.weight
+    norm.weight                             encoder.final_layer_norm.weight
+
+(the official feed-forward is ``fc2(fc1(x) * gelu_tanh(gate(x)))``, transformers' gated-gelu is
+``wo(wi_1(x) * gelu_tanh(wi_0(x)))``.)
 """
 
 from __future__ import annotations
@@ -29,9 +51,10 @@ from __future__ import annotations
 import html
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import torch
 from torch import nn
@@ -43,6 +66,25 @@ PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 BYTE_TOKENIZER_SPECIALS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2 as in UMT5
 TokenizerKind = Literal["pretrained", "byte-level"]
 _WHITESPACE = re.compile(r"\s+")
+OFFICIAL_T5_CHECKPOINT: Final = "models_t5_umt5-xxl-enc-bf16.pth"
+# (official Wan, transformers UMT5) names: whole keys at the top, key tails inside block N.
+_T5_TOP_NAMES: Final = (
+    ("token_embedding.weight", "shared.weight"),
+    ("norm.weight", "encoder.final_layer_norm.weight"),
+)
+_T5_BLOCK_NAMES: Final = (
+    ("norm1.weight", "layer.0.layer_norm.weight"),
+    *((f"attn.{p}.weight", f"layer.0.SelfAttention.{p}.weight") for p in "qkvo"),
+    ("pos_embedding.embedding.weight", "layer.0.SelfAttention.relative_attention_bias.weight"),
+    ("norm2.weight", "layer.1.layer_norm.weight"),
+    ("ffn.gate.0.weight", "layer.1.DenseReluDense.wi_0.weight"),
+    ("ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight"),
+    ("ffn.fc2.weight", "layer.1.DenseReluDense.wo.weight"),
+)
+_T5_BLOCK_KEYS: Final = (re.compile(r"^blocks\.(\d+)\.(.+)$"),
+                         re.compile(r"^encoder\.block\.(\d+)\.(.+)$"))
+_T5_BLOCK_PREFIXES: Final = ("blocks.{}.", "encoder.block.{}.")
+_TIED_EMBEDDING: Final = "encoder.embed_tokens.weight"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,6 +281,56 @@ class TextEncoder:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(tokenizer, model, config)
 
+    @classmethod
+    def from_official_checkpoint(cls, checkpoint: str | os.PathLike[str],
+                                 config: TextEncoderConfig, *,
+                                 tokenizer_path: str | os.PathLike[str] | None = None,
+                                 device: str | torch.device = "cpu",
+                                 dtype: torch.dtype = torch.bfloat16) -> TextEncoder:
+        """Load the official Wan release's T5 encoder (``models_t5_umt5-xxl-enc-bf16.pth``).
+
+        Args:
+            checkpoint: the ``.pth`` state dict in the official Wan T5 naming (read with
+                ``torch.load(weights_only=True, mmap=True)``; no code runs from it).
+            config: the architecture; the checkpoint must fit it exactly (one error lists
+                every missing, unexpected or wrongly shaped tensor).
+            tokenizer_path: the tokenizer folder (the release's ``google/umt5-xxl``); unused
+                for ``tokenizer: byte-level``, required otherwise.
+            device / dtype: where the encoder runs. As transformers' ``from_pretrained`` does,
+                the modules in ``UMT5EncoderModel._keep_in_fp32_modules`` (the ``wo``
+                projections) stay fp32 when ``dtype`` is a 16-bit type.
+        """
+        from transformers import UMT5EncoderModel
+
+        from smartdiff.io.checkpoints import load_strict
+
+        path = Path(checkpoint)
+        state_dict = official_t5_to_transformers(read_torch_state_dict(path))
+        with torch.device("meta"):
+            model = UMT5EncoderModel(config.to_transformers())
+        keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, param in model.named_parameters():
+            fp32 = dtype in (torch.float16, torch.bfloat16) and bool(keep_fp32 & set(
+                name.split(".")))
+            param.data = param.data.to(torch.float32 if fp32 else dtype)
+        load_strict(model, state_dict, source=str(path))
+        model.encoder.embed_tokens.weight = model.shared.weight  # re-tie (one copy)
+        nn.Module.train(model.requires_grad_(False), False)
+        nn.Module.to(model, device=device)
+        if config.tokenizer == "byte-level":
+            tokenizer = build_byte_tokenizer(config.max_length)
+        else:
+            if tokenizer_path is None:
+                raise ValueError(
+                    f"tokenizer_path is required for TextEncoderConfig.tokenizer "
+                    f"{config.tokenizer!r} (the release's google/umt5-xxl folder)"
+                )
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                _existing_dir(tokenizer_path, "tokenizer"), local_files_only=True)
+        return cls(tokenizer, model, config)
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned prompts -> ``(input_ids, attention_mask)``, both ``[B, max_length]`` int64."""
         batch = self.tokenizer(
@@ -267,6 +359,60 @@ class TextEncoder:
             < lengths.to(hidden.device)[:, None]
         return torch.where(keep[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype,
                                                                  device=hidden.device))
+
+
+def read_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A ``.pth`` plain state dict, read with ``weights_only=True`` (no pickled code runs) and
+    memory-mapped (tensors are paged in when used)."""
+    from smartdiff.io.checkpoints import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"torch checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # pickle, zip and OS errors alike
+        raise CheckpointError(f"cannot read torch checkpoint {str(path)!r}: {exc}") from exc
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(
+            f"torch checkpoint {str(path)!r} is not a plain state dict of named tensors"
+        )
+    return loaded
+
+
+def _rename_t5(key: str, source: int) -> str:
+    """One key from naming ``source`` (0 official, 1 transformers) to the other, else as is."""
+    for pair in _T5_TOP_NAMES:
+        if key == pair[source]:
+            return pair[1 - source]
+    match = _T5_BLOCK_KEYS[source].match(key)
+    if match:
+        for pair in _T5_BLOCK_NAMES:
+            if match[2] == pair[source]:
+                return _T5_BLOCK_PREFIXES[1 - source].format(match[1]) + pair[1 - source]
+    return key
+
+
+def official_t5_to_transformers(state_dict: Mapping[str, torch.Tensor]
+                                ) -> dict[str, torch.Tensor]:
+    """Official Wan T5 encoder names -> ``UMT5EncoderModel`` names (table in the module
+    docstring). The token embedding is given under both of its tied names. Keys that are
+    already transformers names pass; unknown keys keep their names, for the strict loader to
+    report."""
+    converted = {_rename_t5(key, 0): tensor for key, tensor in state_dict.items()}
+    if "shared.weight" in converted and _TIED_EMBEDDING not in converted:
+        converted[_TIED_EMBEDDING] = converted["shared.weight"]
+    return converted
+
+
+def transformers_t5_to_official(state_dict: Mapping[str, torch.Tensor]
+                                ) -> dict[str, torch.Tensor]:
+    """``UMT5EncoderModel`` names -> official Wan T5 names (the inverse of
+    :func:`official_t5_to_transformers`; the tied ``encoder.embed_tokens.weight`` is dropped)."""
+    return {_rename_t5(key, 1): tensor for key, tensor in state_dict.items()
+            if key != _TIED_EMBEDDING}
 
 
 def _existing_dir(path: str | os.PathLike[str], what: str) -> str:
