@@ -1,0 +1,411 @@
+"""The operator's settings: one frozen dataclass of grouped sub-dataclasses.
+
+Role: everything the operator needs to know that is not in a ``VideoGeneration``
+-- the runtime image and how its pods are shaped, the model catalog (heads for the
+topology planner, default weights), the platform's S3 endpoint, observability
+ports and reconcile timing. ``OperatorSettings.from_env`` reads them from
+``SMARTDIFF_*`` environment variables (the Helm chart sets those); every field has
+a default that works on a local cluster. Each value is checked on construction and
+an error names the field (or the environment variable), the bad value and what is
+allowed.
+
+Talks to: nothing (stdlib and ``smartdiff.api.checks`` only). Read by
+``manifests`` (pod shape), ``handlers`` (catalog, timing) and ``__main__``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from smartdiff.api import checks
+
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+PULL_POLICIES: Final = ("Always", "IfNotPresent", "Never")
+_QUANTITY = re.compile(checks.QUANTITY_PATTERN)
+_K8S_NAME = re.compile(checks.K8S_NAME_PATTERN)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not allowed; the message names it."""
+
+
+def _fail(name: str, value: object, allowed: str) -> SettingsError:
+    return SettingsError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the platform serves.
+
+    Args:
+        name: model config name as in ``spec.model.name`` (``wan2.1-t2v-1.3b``).
+        num_heads: attention heads of its transformer (the topology planner splits them).
+        weights: default weights URI when a manifest leaves ``spec.model.weights`` unset.
+    """
+
+    name: str
+    num_heads: int
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if not re.match(checks.MODEL_NAME_PATTERN, self.name):
+            raise _fail("models[].name", self.name, "a model name such as wan2.1-t2v-1.3b")
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise _fail(f"models[{self.name}].numHeads", self.num_heads, "an integer >= 1")
+        if self.weights is not None and not re.match(checks.WEIGHTS_URI_PATTERN, self.weights):
+            raise _fail(
+                f"models[{self.name}].weights", self.weights, "an s3://, pvc:// or file:/// URI"
+            )
+
+
+DEFAULT_MODELS: Final = (
+    ModelEntry("wan2.1-t2v-1.3b", num_heads=12),
+    ModelEntry("wan2.1-t2v-14b", num_heads=40),
+    ModelEntry("wan-tiny-random", num_heads=2),
+)
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    """The models the platform serves; a manifest naming another model is rejected.
+
+    Args:
+        models: the entries, unique by name.
+    """
+
+    models: tuple[ModelEntry, ...] = DEFAULT_MODELS
+
+    def __post_init__(self) -> None:
+        names = [entry.name for entry in self.models]
+        if not names:
+            raise _fail("models", [], "at least one model")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise _fail("models", repeated, "each model name once")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The known model names, in catalog order."""
+        return tuple(entry.name for entry in self.models)
+
+    def get(self, name: str) -> ModelEntry | None:
+        """The entry named ``name``, if any."""
+        return next((entry for entry in self.models if entry.name == name), None)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How runtime pods look.
+
+    Args:
+        image: the runtime container image (CUDA PyTorch + ``smartdiff[runtime]``).
+        image_pull_policy: ``Always``, ``IfNotPresent`` or ``Never``.
+        image_pull_secrets: names of Secrets (in the generation's namespace) to pull with.
+        module: the Python module torchrun starts on every rank.
+        rendezvous_port: c10d rendezvous port on pod 0 of a multi-node run.
+        shm_size: size limit of the ``/dev/shm`` memory volume NCCL uses (a quantity).
+        output_dir: where the pod writes the MP4 before uploading it (an emptyDir).
+        weights_mount: where ``pvc://`` weights claims are mounted (read-only).
+        progress_interval_seconds: least time between two progress patches of a pod.
+        node_selector: node labels every runtime pod requires (added to the spec's).
+        extra_env: additional environment variables of the runtime container.
+        run_as_non_root: require a non-root runtime user.
+    """
+
+    image: str = "ghcr.io/smart-diffusion/runtime:0.1.0"
+    image_pull_policy: PullPolicy = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    module: str = "smartdiff.worker"
+    rendezvous_port: int = 29400
+    shm_size: str = "16Gi"
+    output_dir: str = "/var/lib/smartdiff/output"
+    weights_mount: str = "/mnt/weights"
+    progress_interval_seconds: float = 2.0
+    node_selector: tuple[tuple[str, str], ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = ()
+    run_as_non_root: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.image or any(ch.isspace() for ch in self.image):
+            raise _fail("runtime.image", self.image, "a container image reference")
+        if self.image_pull_policy not in PULL_POLICIES:
+            raise _fail(
+                "runtime.imagePullPolicy", self.image_pull_policy, f"one of {PULL_POLICIES}"
+            )
+        for secret in self.image_pull_secrets:
+            if not _K8S_NAME.match(secret):
+                raise _fail("runtime.imagePullSecrets[]", secret, "a Secret name")
+        if not _MODULE.match(self.module):
+            raise _fail("runtime.module", self.module, "a dotted Python module name")
+        if not 1 <= self.rendezvous_port <= 65535:
+            raise _fail("runtime.rendezvousPort", self.rendezvous_port, "a port in [1, 65535]")
+        if not _QUANTITY.match(self.shm_size):
+            raise _fail("runtime.shmSize", self.shm_size, "a quantity such as 16Gi")
+        for name, path in (("outputDir", self.output_dir), ("weightsMount", self.weights_mount)):
+            if not path.startswith("/"):
+                raise _fail(f"runtime.{name}", path, "an absolute path")
+        if not self.progress_interval_seconds >= 0:
+            raise _fail(
+                "runtime.progressIntervalSeconds", self.progress_interval_seconds, "a number >= 0"
+            )
+        for key, _ in self.extra_env:
+            if not _ENV_NAME.match(key):
+                raise _fail("runtime.extraEnv", key, "an environment variable name")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """The platform's object storage.
+
+    Args:
+        s3_endpoint: S3 endpoint URL given to runtime pods (``AWS_ENDPOINT_URL``);
+            None means AWS itself. A credentials Secret may override it with
+            ``AWS_ENDPOINT_URL_S3``.
+        s3_region: signing region given to runtime pods; None leaves it to boto3.
+    """
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.s3_endpoint is not None and not re.match(r"^https?://[^/\s]+", self.s3_endpoint):
+            raise _fail("storage.s3Endpoint", self.s3_endpoint, "an http(s)://host[:port] URL")
+
+
+@dataclass(frozen=True)
+class ReconcileSettings:
+    """Timing of reconciliation.
+
+    Args:
+        resync_seconds: interval of the safety-net status resync of unfinished
+            generations (status normally follows Job and Pod events at once).
+        status_conflict_retries: re-reads after a status write lost a race (409).
+        retry_delay_seconds: delay kopf waits before retrying a handler after a
+            transient API error.
+    """
+
+    resync_seconds: float = 30.0
+    status_conflict_retries: int = 5
+    retry_delay_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.resync_seconds > 0:
+            raise _fail("reconcile.resyncSeconds", self.resync_seconds, "a number > 0")
+        if self.status_conflict_retries < 1:
+            raise _fail(
+                "reconcile.statusConflictRetries", self.status_conflict_retries, "an integer >= 1"
+            )
+        if not self.retry_delay_seconds >= 0:
+            raise _fail("reconcile.retryDelaySeconds", self.retry_delay_seconds, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class ObservabilitySettings:
+    """Health and metrics endpoints.
+
+    Args:
+        metrics_port: port of the Prometheus ``/metrics`` endpoint; 0 disables it.
+        liveness_port: port of kopf's liveness endpoint ``/healthz``; 0 disables it.
+        bind_address: address both endpoints listen on.
+        log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
+    """
+
+    metrics_port: int = 8000
+    liveness_port: int = 8080
+    bind_address: str = "0.0.0.0"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name, port in (
+            ("metricsPort", self.metrics_port),
+            ("livenessPort", self.liveness_port),
+        ):
+            if not 0 <= port <= 65535:
+                raise _fail(f"observability.{name}", port, "a port in [0, 65535] (0: disabled)")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise _fail(
+                "observability.logLevel", self.log_level, "one of DEBUG, INFO, WARNING, ERROR"
+            )
+
+    @property
+    def liveness_endpoint(self) -> str | None:
+        """The URL kopf serves its liveness probe on, or None when disabled."""
+        if self.liveness_port == 0:
+            return None
+        return f"http://{self.bind_address}:{self.liveness_port}/healthz"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """All settings of the operator.
+
+    Args:
+        runtime: the shape of runtime pods.
+        models: the model catalog.
+        storage: the platform's S3 endpoint.
+        reconcile: reconcile timing.
+        observability: health and metrics endpoints.
+        namespaces: namespaces to serve; empty means the whole cluster.
+    """
+
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    models: ModelCatalog = field(default_factory=ModelCatalog)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    namespaces: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for namespace in self.namespaces:
+            if not _K8S_NAME.match(namespace):
+                raise _fail("namespaces[]", namespace, "a namespace name")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:
+        """Settings from ``SMARTDIFF_*`` variables; unset ones keep their defaults.
+
+        Raises:
+            SettingsError: a variable has a bad value; the message names the variable.
+        """
+        reader = _EnvReader(env)
+        defaults = RuntimeSettings()
+        try:
+            runtime = RuntimeSettings(
+                image=reader.text("SMARTDIFF_RUNTIME_IMAGE", defaults.image),
+                image_pull_policy=reader.choice(
+                    "SMARTDIFF_RUNTIME_IMAGE_PULL_POLICY", defaults.image_pull_policy
+                ),
+                image_pull_secrets=reader.names("SMARTDIFF_RUNTIME_IMAGE_PULL_SECRETS"),
+                module=reader.text("SMARTDIFF_RUNTIME_MODULE", defaults.module),
+                rendezvous_port=reader.integer(
+                    "SMARTDIFF_RUNTIME_RENDEZVOUS_PORT", defaults.rendezvous_port
+                ),
+                shm_size=reader.text("SMARTDIFF_RUNTIME_SHM_SIZE", defaults.shm_size),
+                output_dir=reader.text("SMARTDIFF_RUNTIME_OUTPUT_DIR", defaults.output_dir),
+                weights_mount=reader.text(
+                    "SMARTDIFF_RUNTIME_WEIGHTS_MOUNT", defaults.weights_mount
+                ),
+                progress_interval_seconds=reader.number(
+                    "SMARTDIFF_RUNTIME_PROGRESS_INTERVAL_SECONDS",
+                    defaults.progress_interval_seconds,
+                ),
+                node_selector=reader.pairs("SMARTDIFF_RUNTIME_NODE_SELECTOR"),
+                extra_env=reader.pairs("SMARTDIFF_RUNTIME_EXTRA_ENV"),
+                run_as_non_root=reader.boolean(
+                    "SMARTDIFF_RUNTIME_RUN_AS_NON_ROOT", defaults.run_as_non_root
+                ),
+            )
+            models = reader.models("SMARTDIFF_MODELS")
+            storage = StorageSettings(
+                s3_endpoint=env.get("SMARTDIFF_S3_ENDPOINT") or None,
+                s3_region=env.get("SMARTDIFF_S3_REGION") or None,
+            )
+            reconcile = ReconcileSettings(
+                resync_seconds=reader.number("SMARTDIFF_RESYNC_SECONDS", 30.0),
+                status_conflict_retries=reader.integer("SMARTDIFF_STATUS_CONFLICT_RETRIES", 5),
+                retry_delay_seconds=reader.number("SMARTDIFF_RETRY_DELAY_SECONDS", 5.0),
+            )
+            observability = ObservabilitySettings(
+                metrics_port=reader.integer("SMARTDIFF_METRICS_PORT", 8000),
+                liveness_port=reader.integer("SMARTDIFF_LIVENESS_PORT", 8080),
+                bind_address=reader.text("SMARTDIFF_BIND_ADDRESS", "0.0.0.0"),
+                log_level=reader.text("SMARTDIFF_LOG_LEVEL", "INFO").upper(),
+            )
+            return cls(
+                runtime=runtime,
+                models=models,
+                storage=storage,
+                reconcile=reconcile,
+                observability=observability,
+                namespaces=reader.names("SMARTDIFF_NAMESPACES"),
+            )
+        except SettingsError as error:
+            raise SettingsError(f"operator settings from the environment: {error}") from None
+
+
+@dataclass(frozen=True)
+class _EnvReader:
+    """Typed access to environment variables; errors name the variable."""
+
+    env: Mapping[str, str]
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(name) or default
+
+    def choice(self, name: str, default: PullPolicy) -> PullPolicy:
+        value = self.env.get(name) or default
+        if value not in PULL_POLICIES:
+            raise _fail(name, value, f"one of {', '.join(PULL_POLICIES)}")
+        return value  # type: ignore[return-value]  # checked against the Literal's values
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.env.get(name)
+        if not value:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise _fail(name, value, "an integer") from None
+
+    def number(self, name: str, default: float) -> float:
+        value = self.env.get(name)
+        if not value:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise _fail(name, value, "a number") from None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.env.get(name)
+        if not value:
+            return default
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise _fail(name, value, "true or false")
+
+    def names(self, name: str) -> tuple[str, ...]:
+        value = self.env.get(name) or ""
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+
+    def pairs(self, name: str) -> tuple[tuple[str, str], ...]:
+        """``KEY=VALUE,KEY2=VALUE2`` -> ``(("KEY", "VALUE"), ...)``."""
+        result = []
+        for part in self.names(name):
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise _fail(name, part, "comma-separated KEY=VALUE pairs")
+            result.append((key, value))
+        return tuple(result)
+
+    def models(self, name: str) -> ModelCatalog:
+        """A JSON list of ``{"name", "numHeads", "weights"}`` objects."""
+        value = self.env.get(name)
+        if not value:
+            return ModelCatalog()
+        try:
+            raw: Any = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise _fail(name, value[:80], f"a JSON list of models ({error.msg})") from None
+        if not isinstance(raw, list):
+            raise _fail(name, value[:80], 'a JSON list such as [{"name": ..., "numHeads": 12}]')
+        entries = []
+        for item in raw:
+            if not isinstance(item, dict) or set(item) - {"name", "numHeads", "weights"}:
+                raise _fail(name, item, 'objects with keys "name", "numHeads", "weights"')
+            entries.append(
+                ModelEntry(
+                    name=str(item.get("name", "")),
+                    num_heads=item.get("numHeads", 0),
+                    weights=item.get("weights"),
+                )
+            )
+        return ModelCatalog(tuple(entries))

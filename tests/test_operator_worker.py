@@ -1,0 +1,150 @@
+"""The in-pod worker's reporting, without a cluster: throttled progress, conditions,
+termination messages the operator understands, configuration errors.
+
+The end-to-end test (test_operator_e2e.py) runs the same worker against the real
+API server and S3; here the API is a recording stand-in so the throttling and the
+conflict retry can be driven step by step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from operator_support import make_generation
+from smartdiff import worker
+from smartdiff.api.status import OutputStatus, TimingsStatus
+from smartdiff_operator.status import runtime_report
+
+
+class Conflict(Exception):
+    status = 409
+
+
+class RecordingObjects:
+    """Records status patches of a CustomObjectsApi; raises 409 ``conflicts`` times."""
+
+    def __init__(self, stored: dict[str, Any], conflicts: int = 0) -> None:
+        self.stored = stored
+        self.conflicts = conflicts
+        self.patches: list[dict[str, Any]] = []
+
+    def get_namespaced_custom_object(self, *args: str) -> dict[str, Any]:
+        assert args == ("smartdiff.io", "v1alpha1", "videos", "videogenerations", "cat-surfing")
+        return json.loads(json.dumps(self.stored))
+
+    def patch_namespaced_custom_object_status(
+        self, *args: Any, _content_type: str
+    ) -> dict[str, Any]:
+        assert _content_type == "application/merge-patch+json"
+        body = args[-1]
+        if self.conflicts:
+            self.conflicts -= 1
+            raise Conflict("the object has been modified")
+        self.patches.append(body)
+        return self.stored
+
+
+def stored_generation() -> dict[str, Any]:
+    body = make_generation().to_manifest()
+    body["metadata"]["resourceVersion"] = "41"
+    body["status"] = {
+        "phase": "Running",
+        "conditions": [
+            {
+                "type": "Running",
+                "status": "True",
+                "reason": "PodsRunning",
+                "message": "",
+                "lastTransitionTime": "2026-03-01T12:00:00Z",
+            }
+        ],
+    }
+    return body
+
+
+def test_progress_is_throttled_and_the_last_step_always_written() -> None:
+    objects = RecordingObjects(stored_generation())
+    times = iter([0.0, 0.5, 1.0, 2.1, 2.2, 2.3])
+    reporter = worker.StatusReporter(
+        objects, "videos", "cat-surfing", 2.0, clock=lambda: next(times)
+    )
+    for step in range(1, 7):
+        reporter.progress(step, 6)
+    written = [p["status"]["progress"] for p in objects.patches]
+    assert written == [
+        {"step": 1, "totalSteps": 6, "display": "1/6"},
+        {"step": 4, "totalSteps": 6, "display": "4/6"},
+        {"step": 6, "totalSteps": 6, "display": "6/6"},
+    ]
+    assert reporter.progress_writes == 3
+
+
+def test_output_and_the_uploaded_condition_survive_a_conflict() -> None:
+    objects = RecordingObjects(stored_generation())
+    reporter = worker.StatusReporter(objects, "videos", "cat-surfing", 2.0)
+    output = OutputStatus.model_validate(
+        {"uri": "s3://videos/generated/videos/cat-surfing.mp4", "bytes": 10, "sha256": "a" * 64}
+    )
+    reporter.succeeded(output, TimingsStatus(load_seconds=1.5))
+    first, condition_patch = objects.patches
+    assert first["status"]["output"]["bytes"] == 10
+    assert first["status"]["timings"] == {"loadSeconds": 1.5}
+    # The condition write carries resourceVersion and keeps the operator's conditions.
+    assert condition_patch["metadata"] == {"resourceVersion": "41"}
+    kinds = [(c["type"], c["status"], c["reason"]) for c in condition_patch["status"]["conditions"]]
+    assert kinds == [("Running", "True", "PodsRunning"), ("Uploaded", "True", "Uploaded")]
+
+    retried = RecordingObjects(stored_generation(), conflicts=2)
+    worker.StatusReporter(retried, "videos", "cat-surfing", 2.0).set_condition(
+        "Uploaded", "False", "UploadFailed", "kept at /out/cat.mp4"
+    )
+    assert len(retried.patches) == 1 and retried.conflicts == 0
+
+
+def test_the_termination_message_is_what_the_operator_reads(tmp_path: Path) -> None:
+    path = tmp_path / "termination-log"
+    worker.write_termination_message(path, "UploadFailed", "upload failed; kept at /x.mp4" * 500)
+    assert len(path.read_bytes()) < 4096  # the kubelet's limit
+    reason, message = runtime_report(path.read_text())  # type: ignore[misc]
+    assert reason == "UploadFailed" and message.startswith("upload failed; kept at /x.mp4")
+    assert runtime_report("Traceback (most recent call last): ...") is None
+    assert runtime_report('{"reason": "not a reason!", "message": ""}') is None
+
+
+def test_configuration_errors_name_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(worker.WorkerFailure, match="SMARTDIFF_VG_NAME") as err:
+        worker.WorkerConfig.from_env({"SMARTDIFF_VG_NAMESPACE": "videos"})
+    assert (err.value.reason, err.value.exit_code) == ("InvalidRequest", 2)
+    env = {"SMARTDIFF_VG_NAME": "a", "SMARTDIFF_VG_NAMESPACE": "b"}
+    with pytest.raises(worker.WorkerFailure, match="SMARTDIFF_PROGRESS_INTERVAL_SECONDS='soon'"):
+        worker.WorkerConfig.from_env({**env, "SMARTDIFF_PROGRESS_INTERVAL_SECONDS": "soon"})
+    config = worker.WorkerConfig.from_env({**env, "RANK": "1", "WORLD_SIZE": "2"})
+    assert (config.rank, config.world_size, config.uid) == (1, 2, None)
+    assert worker.resolve_weights("file:///models/wan", Path("/mnt")) == Path("/models/wan")
+    assert worker.resolve_weights(None, Path("/mnt")) is None
+    with pytest.raises(worker.WorkerFailure, match="s3:// weights") as err:
+        worker.resolve_weights("s3://bucket/wan", Path("/mnt"))
+    assert err.value.reason == "WeightsUnavailable"
+
+
+def test_without_api_access_the_worker_exits_with_a_reason(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("not-a-real-token")
+    termination = tmp_path / "termination-log"
+    code = worker.main(
+        {
+            "SMARTDIFF_VG_NAME": "cat-surfing",
+            "SMARTDIFF_VG_NAMESPACE": "videos",
+            "SMARTDIFF_KUBE_SERVER": "https://127.0.0.1:9",  # discard port: refused
+            "SMARTDIFF_KUBE_TOKEN_FILE": str(token),
+            "SMARTDIFF_TERMINATION_MESSAGE_PATH": str(termination),
+        }
+    )
+    assert code == 1
+    report = json.loads(termination.read_text())
+    assert report["reason"] == "ApiUnavailable"
+    assert "videos/cat-surfing" in report["message"]
