@@ -31,8 +31,11 @@ lint: venv
 	$(VENV)/bin/mypy --strict runtime/smartdiff/api operator/smartdiff_operator
 	$(VENV)/bin/mypy runtime/smartdiff
 
+# Tests without the cluster run on two workers; those with it (marked by tests/conftest.py)
+# in one process, so one control plane + S3 server serves them all.
 unit: venv tools
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 -m "not cluster"
+	$(PY) -m pytest -q -m cluster
 
 # Every test: lint, then the whole suite (unit, reference-equivalence, control plane).
 test: lint unit

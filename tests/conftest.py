@@ -78,12 +78,15 @@ class S3Server:
         )
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run every test that needs the cluster on one xdist worker (one cluster per run)."""
+    """Mark every test that needs the cluster (``-m cluster`` / ``-m "not cluster"``).
+
+    ``make test`` runs them in a pass of their own, in one process, so one cluster serves
+    them all (xdist's ``loadgroup`` does not group them with pytest 9.2 + xdist 3.8)."""
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
-            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(scope="session")
