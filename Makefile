@@ -22,7 +22,7 @@ tools:
 
 # The main job on its embedded default: a real cluster + S3 on loopback, a video generated.
 demo: venv tools
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH hack/demo.sh
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) hack/demo.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -163,8 +163,7 @@ def test_bad_params_rejected_before_any_model_loads(no_loading: None) -> None:
     model = load_model_config(TINY)
     with pytest.raises(RequestError, match="model='wan2.1-t2v-1.3b' is not allowed"):
         check_request(tiny_params(model="wan2.1-t2v-1.3b"), model)
-    with pytest.raises(RequestError, match="cache.policy='teacache' is not allowed"):
-        check_request(tiny_params(cache=CachePolicy(policy="teacache")), model)
+    check_request(tiny_params(cache=CachePolicy(policy="teacache")), model)  # supported now
     with pytest.raises(ValueError, match="needs weights_path"):
         Backend.from_params("wan2.1-t2v-1.3b", SystemParams(device="cpu"))
     with pytest.raises(ValueError, match="world size 2"):

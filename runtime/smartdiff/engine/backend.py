@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import torch
@@ -36,7 +35,6 @@ LOG = logging.getLogger(__name__)
 DTYPES: Final[dict[str, torch.dtype]] = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
-DEFAULT_ATTENTION: Final = ("auto", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -75,12 +73,21 @@ def resolve_placement(system: SystemParams) -> Placement:
                      memory_level=system.memory_level)
 
 
-def resolve_attention(name: str) -> AttentionFn | None:
-    """The DiT's attention function for a backend name; ``None`` is the DiT's SDPA default."""
-    if name in DEFAULT_ATTENTION:
+def resolve_attention(name: str, placement: Placement | None = None,
+                      head_dim: int | None = None) -> AttentionFn | None:
+    """The DiT's self-attention backend for ``name`` (:mod:`smartdiff.attention.registry`).
+
+    With only a name, checks that the name exists (``ValueError`` listing the valid ones) and
+    returns ``None``; with the placement and head dim, builds and checks the backend once
+    (``auto``: the fastest that runs here within the accuracy bound, logged) and returns it.
+    """
+    from smartdiff.attention.registry import check_name, select_attention
+
+    check_name(name)
+    if placement is None or head_dim is None:
         return None
-    raise ValueError(f"attention={name!r} is not allowed: this backend knows "
-                     f"{', '.join(DEFAULT_ATTENTION)} (torch scaled_dot_product_attention)")
+    return select_attention(name, device=placement.device, dtype=placement.dtype,
+                            head_dim=head_dim)
 
 
 class Backend:
@@ -123,8 +130,10 @@ class Backend:
             model: a :class:`ModelConfig` or a config name (``configs/models/<name>.yaml``).
             system: device, dtype, attention backend and memory level (parallel degrees are
                 the parallel layer's business and must be 1 here).
-            weights_path: a folder in the config's :class:`~smartdiff.models.registry.
-                WeightsLayout` (the diffusers layout by default). Required unless the model
+            weights_path: a released weights folder, official Wan2.1 or diffusers layout
+                (:func:`smartdiff.io.release.detect_release`), or a weights URI: ``file://``,
+                ``pvc://`` or ``s3://`` (downloaded into the node-local cache,
+                :func:`smartdiff.io.weights.resolve_weights_uri`). Required unless the model
                 has ``random_weights``, in which case ``None`` builds seeded random weights.
         """
         config = load_model_config(model) if isinstance(model, str) else model
@@ -134,8 +143,9 @@ class Backend:
                 f"ulysses={system.ulysses}, ring={system.ring} (world size "
                 f"{system.world_size}) need the parallel launcher (allowed here: all 1)"
             )
-        attention = resolve_attention(system.attention)
+        resolve_attention(system.attention)  # an unknown name fails before anything is built
         placement = resolve_placement(system)
+        attention = resolve_attention(system.attention, placement, config.dit.head_dim)
         if placement.memory_level == 1:
             LOG.warning("memory_level 1 asks for VAE tiling, which WanVAE does not provide yet; "
                         "the VAE decodes untiled")
@@ -149,7 +159,7 @@ class Backend:
                 )
             parts = _random_components(config, placement, attention)
         else:
-            parts = _load_components(config, placement, attention, Path(weights_path))
+            parts = _load_components(config, placement, attention, weights_path)
         dit, vae, text_encoder = parts
         if placement.device.type == "cuda":
             # Fused norms/modulation/RoPE: 1.12x per forward on an H200 (benchmarks/).
@@ -181,27 +191,23 @@ def _random_components(config: ModelConfig, placement: Placement, attention: Att
 
 
 def _load_components(config: ModelConfig, placement: Placement, attention: AttentionFn | None,
-                     root: Path) -> tuple[WanDiT, WanVAE, TextEncoder]:
-    if not root.is_dir():
-        raise FileNotFoundError(f"weights_path {str(root)!r} is not a folder")
-    layout = config.weights
-    paths = {name: root / getattr(layout, name)
-             for name in ("dit", "vae", "text_encoder", "tokenizer")}
-    needed = ("dit", "vae", "text_encoder") if config.text_encoder.tokenizer == "byte-level" \
-        else ("dit", "vae", "text_encoder", "tokenizer")
-    missing = [f"{name} ({paths[name]})" for name in needed if not paths[name].exists()]
-    if missing:
-        present = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
-        raise FileNotFoundError(
-            f"weights_path {str(root)!r} lacks {', '.join(missing)} for model {config.name!r} "
-            f"(it holds: {present})"
-        )
-    dit = WanDiT.from_checkpoint(paths["dit"], config.dit, device=placement.device,
+                     weights: str | os.PathLike[str]) -> tuple[WanDiT, WanVAE, TextEncoder]:
+    """Load from a release folder (official Wan2.1 or diffusers layout) or a weights URI."""
+    from smartdiff.io.release import check_release_architecture, detect_release
+    from smartdiff.io.weights import resolve_weights_uri
+
+    root = resolve_weights_uri(weights)
+    release = detect_release(root, subfolders=config.weights,
+                             tokenizer_required=config.text_encoder.tokenizer != "byte-level")
+    check_release_architecture(release, config)
+    LOG.info("weights %s: %s layout", root, release.layout)
+    dit = WanDiT.from_checkpoint(release.dit, config.dit, device=placement.device,
                                  dtype=placement.dtype, attention=attention)
-    vae = WanVAE.from_checkpoint(paths["vae"], config.vae, device=placement.device,
+    vae = WanVAE.from_checkpoint(release.vae, config.vae, device=placement.device,
                                  dtype=placement.dtype)
-    text_encoder = TextEncoder.from_pretrained(paths["text_encoder"], config.text_encoder,
-                                               tokenizer_path=paths["tokenizer"],
-                                               device=placement.text_encoder_device,
-                                               dtype=placement.dtype)
+    load_text_encoder = (TextEncoder.from_official_checkpoint if release.layout == "official"
+                         else TextEncoder.from_pretrained)
+    text_encoder = load_text_encoder(release.text_encoder, config.text_encoder,
+                                     tokenizer_path=release.tokenizer,
+                                     device=placement.text_encoder_device, dtype=placement.dtype)
     return dit, vae, text_encoder

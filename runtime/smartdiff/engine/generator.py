@@ -23,6 +23,7 @@ a float32 CPU tensor ``[1, 3, T, H, W]`` in ``[-1, 1]``; :func:`to_uint8_frames`
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,9 +33,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from smartdiff.cache.base import attached
+from smartdiff.cache.factory import make_step_cache
 from smartdiff.engine.backend import Backend
 from smartdiff.engine.task import Task, TaskStatus
 from smartdiff.samplers import SamplerConfig, make_sampler
+
+LOG = logging.getLogger(__name__)
 
 StepCallback = Callable[[Task, int, int], None]
 """``on_step(task, step, total)``: called after each denoising step, ``step`` in 1..total."""
@@ -133,18 +138,25 @@ class Generator:
         sampler = make_sampler(p.solver, SamplerConfig(num_steps=p.steps, shift=p.shift))
         timesteps = sampler.timesteps.to(self.backend.device)
         total = len(timesteps)
-        with self._timed(task, "denoise"):
+        # A fresh step cache per task (FlexCache; None for policy "none"), attached to the DiT
+        # for this loop only, so nothing crosses requests.
+        cache = make_step_cache(p.cache.policy, p.cache.threshold, self.backend.model.dit)
+        with self._timed(task, "denoise"), attached(self.backend.dit, cache):
             assert task.seed is not None  # set by Task.__post_init__
             latents = initial_noise(self.latent_shape(task), task.seed, self.backend.device)
             task.set_progress(0, total)
             for index in range(total):
                 task.raise_if_cancelled()
+                if cache is not None:
+                    cache.begin_step(index, total, float(sampler.timesteps[index]))
                 noise = self.predict_noise(latents, timesteps[index], task)
                 latents = sampler.step(noise, latents, index)
                 task.buffers.latents = latents
                 task.set_progress(index + 1, total)
                 if on_step is not None:
                     on_step(task, index + 1, total)
+        if cache is not None:
+            LOG.info("task %s: %s", task.id, cache.describe())
 
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor,
                       task: Task) -> torch.Tensor:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from smartdiff.api.params import UserParams
     from smartdiff.models.registry import ModelConfig
 
-SUPPORTED_CACHE_POLICIES: Final = ("none",)
+SUPPORTED_CACHE_POLICIES: Final = ("none", "teacache", "pab", "fbcache")  # smartdiff.cache
 
 
 class RequestError(ValueError):

@@ -64,6 +64,30 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v)
 
 
+class AttentionReuse(Protocol):
+    """A step cache's hook into one block (PAB): called with ``"self"`` or ``"cross"`` and the
+    function computing that attention sub-layer's output ``[B, S, dim]``; returns that output,
+    computed now or kept from an earlier step."""
+
+    def __call__(
+        self, kind: Literal["self", "cross"], compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor: ...
+
+
+class BlockRunner(Protocol):
+    """A step cache (:mod:`smartdiff.cache`) attached as :attr:`WanDiT.step_cache`: runs, skips
+    or partly reuses the blocks of one forward pass (see :meth:`WanDiT.run_blocks`)."""
+
+    def run_blocks(
+        self,
+        model: WanDiT,
+        x: torch.Tensor,
+        inputs: WanDiTInputs,
+        attention: AttentionFn,
+        valid_tokens: int | None,
+    ) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class WanDiTConfig:
     """Architecture of a Wan2.1 DiT (the fields of the official ``config.json``).
@@ -394,15 +418,26 @@ class WanBlock(nn.Module):
         rope: RotaryTable,
         attention: AttentionFn,
         cross_attention: AttentionFn,
+        reuse: AttentionReuse | None = None,
     ) -> torch.Tensor:
-        """``x [B, S, dim]``, ``e0 [B, 6, dim]`` (fp32), ``context [B, L, dim]`` -> like ``x``."""
+        """``x [B, S, dim]``, ``e0 [B, 6, dim]`` (fp32), ``context [B, L, dim]`` -> like ``x``.
+
+        ``reuse`` lets a step cache supply the attention sub-layers' outputs (PAB)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0.float()).chunk(
             6, dim=1
         )
         ops = self.ops
         h = ops.modulated_norm(x, shift1, scale1, self.eps)
-        x = ops.gated_residual(x, self.self_attn(h, None, rope, attention), gate1)
-        x = x + self.cross_attn(self.norm3(x), context, None, cross_attention)
+        if reuse is None:
+            x = ops.gated_residual(x, self.self_attn(h, None, rope, attention), gate1)
+            x = x + self.cross_attn(self.norm3(x), context, None, cross_attention)
+        else:
+            attended = reuse("self", lambda: self.self_attn(h, None, rope, attention))
+            x = residual = ops.gated_residual(x, attended, gate1)
+            x = x + reuse(
+                "cross",
+                lambda: self.cross_attn(self.norm3(residual), context, None, cross_attention),
+            )
         h = ops.modulated_norm(x, shift2, scale2, self.eps)
         return ops.gated_residual(x, self.ffn(h), gate2)
 
@@ -463,6 +498,7 @@ class WanDiT(nn.Module):
         self.config = config
         self.attention: AttentionFn = attention or sdpa_attention
         self.cross_attention: AttentionFn = cross_attention or sdpa_attention
+        self.step_cache: BlockRunner | None = None  # set per request by the generator
         dim = config.dim
         self.patch_embedding = nn.Conv3d(
             config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
@@ -563,12 +599,32 @@ class WanDiT(nn.Module):
         [B, L, text_dim]`` (already padded by the caller, e.g. to 512 tokens) ->
         ``[B, out_dim, F, H, W]`` in the model dtype."""
         inputs = self.embed(latents, timestep, context)
-        x = inputs.tokens
-        for block in self.blocks:
-            x = block(
-                x, inputs.e0, inputs.context, inputs.rope, self.attention, self.cross_attention
-            )
+        x = self.run_blocks(inputs.tokens, inputs)
         return self.unpatchify(self.head(x, inputs.e), inputs.grid)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        inputs: WanDiTInputs,
+        attention: AttentionFn | None = None,
+        *,
+        valid_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Every block on ``x [B, s, dim]`` -- through :attr:`step_cache` when one is attached.
+
+        Args:
+            x: the tokens (all of them, or this rank's shard; ``inputs.rope`` must match).
+            inputs: the embedded inputs (``e``, ``e0``, ``context``, ``rope`` are used).
+            attention: self-attention to use instead of :attr:`attention` (context parallel).
+            valid_tokens: how many leading rows of ``x`` are real tokens (the rest padding),
+                for caches that measure ``x``; ``None``: all.
+        """
+        attention = self.attention if attention is None else attention
+        if self.step_cache is not None:
+            return self.step_cache.run_blocks(self, x, inputs, attention, valid_tokens)
+        for block in self.blocks:
+            x = block(x, inputs.e0, inputs.context, inputs.rope, attention, self.cross_attention)
+        return x
 
     @classmethod
     def from_checkpoint(

@@ -1,0 +1,349 @@
+"""The Triton kernels of our INT8 attention (see :mod:`.int8_triton` for the whole method).
+
+- :func:`quantize_kernel`: one pass over Q or K: INT8 values, per-token fp32 scales (the scale
+  of the token's block), optionally the K-smoothing shift of each query row and the pooled
+  block statistics of the sparse variant;
+- :func:`quantize_v_kernel`: V smoothed and scaled to e4m3, stored with the tokens contiguous;
+- :func:`attention_kernel`: the attention itself, dense or over a tile list, with its
+  autotuned launchers :data:`DENSE_KERNEL` and :data:`SPARSE_KERNEL`.
+
+With ``TRITON_INTERPRET=1`` set before import, the kernels run on the CPU through Triton's
+interpreter (one small tile configuration; 16-bit float dot products done in fp32, which the
+interpreter gets wrong).
+
+Talks to: Triton only; launched by :mod:`.int8_triton`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Final
+
+import triton
+import triton.language as tl
+
+from smartdiff.attention.sparsity import SPARSE_K_BLOCK, SPARSE_Q_BLOCK
+
+INTERPRETED: Final = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def quantize_kernel(
+    x_ptr,
+    mean_ptr,
+    out_ptr,
+    scale_ptr,
+    pooled_ptr,
+    sim_ptr,
+    dot_ptr,
+    seq_len,
+    heads,
+    stride_b,
+    stride_h,
+    stride_s,
+    pre_scale,
+    ROWS: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
+    POOL: tl.constexpr,
+    DOT_MEAN: tl.constexpr,
+):
+    """INT8 values ``[BH, S, D]`` and per-token scales ``[BH, S]`` of ``ROWS`` rows; pooled
+    block statistics when ``POOL``; ``pre_scale * x . mean`` per row when ``DOT_MEAN`` (the
+    score shift of K smoothing, for the LSE)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    rows = pid_s * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, HEAD_DIM)
+    valid = rows < seq_len
+    src = x_ptr + b * stride_b + h * stride_h + rows.to(tl.int64)[:, None] * stride_s
+    x = tl.load(src + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + cols)
+        x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+    if POOL:
+        count = tl.minimum(seq_len - pid_s * ROWS, ROWS).to(tl.float32)
+        blocks = tl.cdiv(seq_len, ROWS)
+        slot = pid_bh * blocks + pid_s
+        tl.store(pooled_ptr + slot * HEAD_DIM + cols, tl.sum(x, axis=0) / count)
+        norms = tl.sqrt(tl.sum(x * x, axis=1))
+        direction = tl.sum(x / tl.maximum(norms, 1e-12)[:, None], axis=0)
+        tl.store(sim_ptr + slot, tl.sum(direction * direction, axis=0) / (count * count))
+    x = x * pre_scale
+    if DOT_MEAN:
+        mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + cols)
+        tl.store(
+            dot_ptr + pid_bh.to(tl.int64) * seq_len + rows, tl.sum(x * mean[None, :], 1), mask=valid
+        )
+    amax = tl.max(tl.reshape(tl.abs(x), (ROWS // SCALE_ROWS, SCALE_ROWS * HEAD_DIM)), axis=1)
+    scale = tl.maximum(amax, 1e-20) / 127.0
+    row_scale = tl.reshape(
+        tl.broadcast_to(scale[:, None], (ROWS // SCALE_ROWS, SCALE_ROWS)), (ROWS,)
+    )
+    y = x / row_scale[:, None]
+    quantized = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+    dst = out_ptr + pid_bh.to(tl.int64) * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM
+    tl.store(dst + cols[None, :], quantized, mask=valid[:, None])
+    tl.store(scale_ptr + pid_bh.to(tl.int64) * seq_len + rows, row_scale, mask=valid)
+
+
+@triton.jit
+def quantize_v_kernel(
+    v_ptr,
+    mean_ptr,
+    scale_ptr,
+    out_ptr,
+    seq_len,
+    padded_len,
+    heads,
+    stride_b,
+    stride_h,
+    stride_s,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """``(v - mean) / scale`` as e4m3 into ``[BH, D, padded_len]`` (tokens contiguous)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    rows = pid_s * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, HEAD_DIM)
+    valid = rows < seq_len
+    src = v_ptr + b * stride_b + h * stride_h + rows.to(tl.int64)[:, None] * stride_s
+    v = tl.load(src + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + cols)
+    scale = tl.load(scale_ptr + pid_bh * HEAD_DIM + cols)
+    y = tl.minimum(tl.maximum((v - mean[None, :]) / scale[None, :], -448.0), 448.0)
+    y = tl.where(valid[:, None], y, 0.0)
+    dst = out_ptr + pid_bh.to(tl.int64) * HEAD_DIM * padded_len
+    tl.store(
+        dst + cols[None, :] * padded_len + rows[:, None], y.to(tl.float8e4nv), mask=valid[:, None]
+    )
+
+
+@triton.jit
+def attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_scale,
+    k_base,
+    ks_base,
+    v_base,
+    start_n,
+    seq_k,
+    stride_vs,
+    stride_vd,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    MASKED: tl.constexpr,
+    EMULATED_DOT: tl.constexpr,
+):
+    """One key tile ``[start_n, start_n + BLOCK_N)`` into the running softmax state."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    if MASKED:
+        valid = offs_n < seq_k
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0)
+        k_scale = tl.load(ks_base + offs_n, mask=valid, other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        k_scale = tl.load(ks_base + offs_n)
+        v = tl.load(v_ptrs)
+    # int32 -> fp32 without the quarter-rate I2F instruction: |dot| <= 127^2 * 128 < 2^22, so
+    # adding the bits of 1.5 * 2^23 gives a float equal to 1.5 * 2^23 + dot, exactly.
+    dot = tl.dot(q, tl.trans(k)) + 0x4B400000
+    t = (dot.to(tl.float32, bitcast=True) - 12582912.0) * k_scale[None, :]
+    if MASKED:
+        t = tl.where(valid[None, :], t, float("-inf"))
+    # The scores are t * q_scale (q_scale > 0): scale the row max, not every score, and let
+    # the scaling fuse into the exponent's multiply-add.
+    m_new = tl.maximum(m_i, tl.max(t, axis=1) * q_scale)
+    p = tl.math.exp2(t * q_scale[:, None] - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        acc += tl.dot((p * 448.0).to(tl.float8e4nv), v)
+    elif EMULATED_DOT:  # Triton's interpreter gets 16-bit float dots wrong: same math in fp32
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attention_kernel(
+    q_ptr,
+    qs_ptr,
+    k_ptr,
+    ks_ptr,
+    v_ptr,
+    v_scale_ptr,
+    v_mean_ptr,
+    shift_ptr,
+    out_ptr,
+    lse_ptr,
+    index_ptr,
+    count_ptr,
+    seq_q,
+    seq_k,
+    heads,
+    q_blocks,
+    k_blocks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    SPARSE: tl.constexpr,
+    SMOOTH_K: tl.constexpr,
+    EMULATED_DOT: tl.constexpr,
+):
+    """One query tile of one (batch, head) against all (or the listed) key tiles."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh = pid_bh.to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    q = tl.load(
+        q_ptr + bh * seq_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0,
+    )
+    q_scale = tl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
+    k_base = k_ptr + bh * seq_k * HEAD_DIM
+    ks_base = ks_ptr + bh * seq_k
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if SPARSE:
+        slot = bh * q_blocks + pid_m
+        count = tl.load(count_ptr + slot)
+        for j in range(0, count):
+            start_n = tl.load(index_ptr + slot * k_blocks + j) * BLOCK_N
+            acc, l_i, m_i = attend_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                q_scale,
+                k_base,
+                ks_base,
+                v_base,
+                start_n,
+                seq_k,
+                stride_vs,
+                stride_vd,
+                BLOCK_N,
+                HEAD_DIM,
+                PV_FP8,
+                True,
+                EMULATED_DOT,
+            )
+    else:
+        full = (seq_k // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            acc, l_i, m_i = attend_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                q_scale,
+                k_base,
+                ks_base,
+                v_base,
+                start_n,
+                seq_k,
+                stride_vs,
+                stride_vd,
+                BLOCK_N,
+                HEAD_DIM,
+                PV_FP8,
+                False,
+                EMULATED_DOT,
+            )
+        if full < seq_k:
+            acc, l_i, m_i = attend_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                q_scale,
+                k_base,
+                ks_base,
+                v_base,
+                full,
+                seq_k,
+                stride_vs,
+                stride_vd,
+                BLOCK_N,
+                HEAD_DIM,
+                PV_FP8,
+                True,
+                EMULATED_DOT,
+            )
+    total = tl.where(l_i > 0, l_i, 1.0)
+    if PV_FP8:
+        v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d)
+        v_mean = tl.load(v_mean_ptr + bh * HEAD_DIM + offs_d)
+        out = acc * (v_scale[None, :] / 448.0) / total[:, None] + v_mean[None, :]
+    else:
+        out = acc / total[:, None]
+    dst = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    lse2 = m_i + tl.math.log2(total)
+    if SMOOTH_K:  # the scores were shifted by q . mean(K): shift the LSE back
+        lse2 += tl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    tl.store(lse_ptr + bh * seq_q + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) tried by the autotuner (first call of each sequence length);
+# a short list: each one is a compilation.
+TileConfig = tuple[int, int, int, int]
+DENSE_CONFIGS: Final[tuple[TileConfig, ...]] = (
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2),
+    (128, 128, 8, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+)  # fmt: skip
+SPARSE_CONFIGS: Final[tuple[TileConfig, ...]] = tuple(
+    (SPARSE_Q_BLOCK, SPARSE_K_BLOCK, warps, stages)
+    for warps, stages in ((4, 3), (8, 3), (4, 4), (8, 2))
+)
+INTERPRETER_CONFIG: Final[TileConfig] = (64, 32, 4, 1)  # the interpreter runs programs in numpy
+
+
+def autotuned(configs: tuple[TileConfig, ...]) -> Any:
+    options: dict[str, Any] = {"key": ["seq_q", "seq_k", "HEAD_DIM", "PV_FP8"]}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = True  # keep tuned configs in Triton's cache across runs
+    tried = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in configs
+    ]
+    return triton.autotune(configs=tried, **options)(attention_kernel)
+
+
+DENSE_KERNEL: Final = autotuned((INTERPRETER_CONFIG,) if INTERPRETED else DENSE_CONFIGS)
+SPARSE_KERNEL: Final = autotuned(
+    ((SPARSE_Q_BLOCK, SPARSE_K_BLOCK, 4, 1),) if INTERPRETED else SPARSE_CONFIGS
+)

@@ -1,0 +1,394 @@
+"""Our quantized attention for Hopper in Triton: INT8 QK^T, BF16 or FP8 PV, dense or sparse.
+
+The math is that of :mod:`smartdiff.attention.quantization` (read it first); the tile choice
+of the sparse variant is :mod:`smartdiff.attention.sparsity`. One call does:
+
+1. ``mean(K)`` over the tokens (torch, fp32) and, for FP8 PV, V's per-channel mean and scale;
+2. ``quantize_kernel`` on Q and on K: one pass over each, writing INT8 values and one fp32
+   scale per token (the scale of the token's block), and -- for the sparse variant -- each
+   block's mean and self-similarity, so prediction costs no extra pass;
+3. for FP8 PV, ``quantize_v_kernel``: V smoothed, scaled and stored as e4m3 with the tokens
+   contiguous (the layout Hopper's FP8 tensor cores need for the second operand);
+4. ``attention_kernel``: one program per (128- or 64-row query tile, batch x head); INT8 dot
+   products in int32 (turned into fp32 with an integer add on the float's bits instead of
+   the quarter-rate conversion instruction), online softmax in base 2, PV in BF16 (P rounded
+   to V's dtype, accumulated in the MMA) or FP8 (a fresh fp32 product per tile, added to the
+   accumulator); the sparse variant loops over the tile list of its query block only. The
+   output is written
+   as ``[B, S, H, D]`` (returned as a ``[B, H, S, D]`` view, so the DiT's
+   ``transpose(1, 2).flatten(2)`` is free), with the natural-log LSE ``[B, H, S]``.
+
+Both variants are one ``torch.library.custom_op`` (``smartdiff::int8_attention``) with a
+``register_fake`` twin, so ``torch.compile`` can trace a model that uses them. Tile sizes and
+pipelining are autotuned per sequence length (one-time cost on the first call of a shape).
+
+Inputs: ``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]`` in bf16 or fp16 on CUDA, any strides with
+the channels contiguous (the DiT's transposed views are used as they are), ``D`` 64 or 128.
+Set ``TRITON_INTERPRET=1`` before importing this module to run the kernels on the CPU through
+Triton's interpreter (slow; tests only).
+
+Talks to: the kernels in :mod:`.int8_kernels`, torch; :mod:`.quantization`,
+:mod:`.sparsity`. Chosen through
+:mod:`smartdiff.attention.registry` (names ``sd-int8``, ``sd-int8-fp8``, ``sparge``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import torch
+import triton
+
+from smartdiff.attention.int8_kernels import (
+    DENSE_KERNEL,
+    INTERPRETED,
+    SPARSE_KERNEL,
+    quantize_kernel,
+    quantize_v_kernel,
+)
+from smartdiff.attention.quantization import (
+    FP8_MAX,
+    K_BLOCK,
+    LOG2E,
+    Q_BLOCK,
+    SCALE_FLOOR,
+)
+from smartdiff.attention.sparsity import (
+    SPARSE_K_BLOCK,
+    SPARSE_Q_BLOCK,
+    PooledBlocks,
+    SparsityConfig,
+    block_lists,
+    predict_block_mask,
+)
+
+HEAD_DIMS: Final = (64, 128)
+Q_ROWS: Final = SPARSE_Q_BLOCK  # query rows per quantization program (and pooled block)
+K_ROWS: Final = SPARSE_K_BLOCK  # key rows per quantization program (and pooled block)
+V_ROWS: Final = 64
+FP8_PAD: Final = 16  # FP8 V rows are padded to a multiple of this (16-byte aligned strides)
+PREPROCESS_WARPS: Final = 8  # a 128 x 128 fp32 tile per quantization program
+OP_NAME: Final = "smartdiff::int8_attention"
+
+
+# --------------------------------------------------------------------- preprocessing
+
+
+def _quantize(
+    x: torch.Tensor,
+    rows: int,
+    scale_rows: int,
+    pre_scale: float,
+    mean: torch.Tensor | None,
+    pool: bool,
+    dot_mean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, PooledBlocks | None, torch.Tensor]:
+    """``(int8 values, per-token scales, pooled blocks or None, pre_scale * x . dot_mean)``;
+    ``mean`` is subtracted first (K smoothing)."""
+    batch, heads, tokens, dim = x.shape
+    values = torch.empty((batch, heads, tokens, dim), dtype=torch.int8, device=x.device)
+    scales = torch.empty((batch, heads, tokens), dtype=torch.float32, device=x.device)
+    blocks = triton.cdiv(tokens, rows)
+    pooled = torch.empty(
+        (batch, heads, blocks, dim) if pool else (1,), dtype=torch.float32, device=x.device
+    )
+    similarity = torch.empty(
+        (batch, heads, blocks) if pool else (1,), dtype=torch.float32, device=x.device
+    )
+    dots = torch.empty(
+        (batch, heads, tokens) if dot_mean is not None else (1,),
+        dtype=torch.float32,
+        device=x.device,
+    )
+    if mean is not None and dot_mean is not None:
+        raise ValueError("_quantize: subtracting a mean and dotting with one are exclusive")
+    quantize_kernel[(blocks, batch * heads)](
+        x,
+        mean if mean is not None else dot_mean if dot_mean is not None else scales,
+        values,
+        scales,
+        pooled,
+        similarity,
+        dots,
+        tokens,
+        heads,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        pre_scale,
+        ROWS=rows,
+        SCALE_ROWS=scale_rows,
+        HEAD_DIM=dim,
+        SUBTRACT_MEAN=mean is not None,
+        POOL=pool,
+        DOT_MEAN=dot_mean is not None,
+        num_warps=PREPROCESS_WARPS,
+    )
+    return values, scales, PooledBlocks(pooled, similarity) if pool else None, dots
+
+
+def _quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e4m3 V ``[B, H, D, padded]`` and its fp32 ``scale``, ``mean`` ``[B, H, D]``."""
+    batch, heads, tokens, dim = v.shape
+    mean = v.mean(dim=2, dtype=torch.float32)
+    spread = torch.maximum(v.amax(dim=2).float() - mean, mean - v.amin(dim=2).float())
+    scale = (spread.clamp_min(SCALE_FLOOR) / FP8_MAX).contiguous()
+    padded = triton.cdiv(tokens, FP8_PAD) * FP8_PAD
+    out = torch.empty((batch, heads, dim, padded), dtype=torch.float8_e4m3fn, device=v.device)
+    quantize_v_kernel[(triton.cdiv(tokens, V_ROWS), batch * heads)](
+        v,
+        mean,
+        scale,
+        out,
+        tokens,
+        padded,
+        heads,
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        ROWS=V_ROWS,
+        HEAD_DIM=dim,
+        num_warps=PREPROCESS_WARPS,
+    )
+    return out, scale, mean
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, k_block: int
+) -> None:
+    if (
+        q.ndim != 4
+        or k.ndim != 4
+        or v.ndim != 4
+        or k.shape != v.shape
+        or q.shape[:2] != k.shape[:2]
+        or q.shape[3] != k.shape[3]
+    ):
+        raise ValueError(
+            f"int8 attention needs q [B, H, Sq, D] and k, v [B, H, Sk, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(
+            f"int8 attention: head dim {q.shape[3]} is not supported "
+            f"(allowed: {', '.join(map(str, HEAD_DIMS))})"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"int8 attention needs q, k, v all bfloat16 or all float16, got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    for name, block, rows in (("q_block", q_block, Q_ROWS), ("k_block", k_block, K_ROWS)):
+        if block < 1 or rows % block:
+            raise ValueError(
+                f"int8 attention: {name}={block} must divide {rows} (1, 2, 4, ... rows per scale)"
+            )
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pv_fp8: bool,
+    q_block: int,
+    k_block: int,
+    sparse: bool,
+    cdf_threshold: float,
+    sim_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole computation (module docstring); returns ``(out, lse)``."""
+    _check_inputs(q, k, v, q_block, k_block)
+    q, k, v = _channels_last(q), _channels_last(k), _channels_last(v)
+    batch, heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()
+    q8, q_scale, pooled_q, shift = _quantize(
+        q, Q_ROWS, q_block, LOG2E / math.sqrt(dim), None, sparse, dot_mean=k_mean
+    )
+    k8, k_scale, pooled_k, _ = _quantize(k, K_ROWS, k_block, 1.0, k_mean, sparse)
+    if pv_fp8:
+        v_in, v_scale, v_mean = _quantize_v_fp8(v)
+        v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(3), v_in.stride(2))
+    else:
+        v_in, v_scale, v_mean = v, k_mean, k_mean  # the scale/mean pointers go unused
+        v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
+    out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    q_blocks, k_blocks = triton.cdiv(seq_q, SPARSE_Q_BLOCK), triton.cdiv(seq_k, SPARSE_K_BLOCK)
+    if sparse:
+        assert pooled_q is not None and pooled_k is not None
+        config = SparsityConfig(cdf_threshold=cdf_threshold, sim_threshold=sim_threshold)
+        index, count = block_lists(predict_block_mask(pooled_q, pooled_k, config))
+        kernel = SPARSE_KERNEL
+    else:
+        index = count = lse  # unused
+        kernel = DENSE_KERNEL
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads
+
+    kernel[grid](
+        q8,
+        q_scale,
+        k8,
+        k_scale,
+        v_in,
+        v_scale,
+        v_mean,
+        shift,
+        out,
+        lse,
+        index,
+        count,
+        seq_q,
+        seq_k,
+        heads,
+        q_blocks,
+        k_blocks,
+        *v_strides,
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+        HEAD_DIM=dim,
+        PV_FP8=pv_fp8,
+        SPARSE=sparse,
+        SMOOTH_K=True,
+        EMULATED_DOT=INTERPRETED,
+    )
+    return out.transpose(1, 2), lse
+
+
+# ------------------------------------------------------------------------ custom op
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cuda")
+def int8_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pv_fp8: bool,
+    q_block: int,
+    k_block: int,
+    sparse: bool,
+    cdf_threshold: float,
+    sim_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, Sq, D], lse [B, H, Sq] fp32)``; see the module docstring."""
+    return _forward(q, k, v, pv_fp8, q_block, k_block, sparse, cdf_threshold, sim_threshold)
+
+
+@int8_attention_op.register_fake
+def _int8_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pv_fp8: bool,
+    q_block: int,
+    k_block: int,
+    sparse: bool,
+    cdf_threshold: float,
+    sim_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seq_q, dim = q.shape
+    out = q.new_empty((batch, seq_q, heads, dim)).transpose(1, 2)
+    return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def int8_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pv_fp8: bool = False,
+    q_block: int = Q_BLOCK,
+    k_block: int = K_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense INT8 attention: ``(out [B, H, Sq, D], lse [B, H, Sq])`` (natural log, fp32)."""
+    return int8_attention_op(q, k, v, pv_fp8, q_block, k_block, False, 1.0, -1.0)
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense INT8 QK^T, BF16 PV (the ``sd-int8`` backend)."""
+    return int8_attention_op(q, k, v, False, Q_BLOCK, K_BLOCK, False, 1.0, -1.0)[0]
+
+
+def int8_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense INT8 QK^T, FP8 PV (the ``sd-int8-fp8`` backend)."""
+    return int8_attention_op(q, k, v, True, Q_BLOCK, K_BLOCK, False, 1.0, -1.0)[0]
+
+
+def int8_fp8_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return int8_attention_lse(q, k, v, pv_fp8=True)
+
+
+def sparse_int8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: SparsityConfig | None = None,
+    pv_fp8: bool = False,
+) -> torch.Tensor:
+    """Block-sparse INT8 attention (the ``sparge`` backend): tiles predicted negligible by
+    :mod:`.sparsity` are skipped."""
+    config = config or SparsityConfig()
+    return int8_attention_op(
+        q, k, v, pv_fp8, Q_BLOCK, K_BLOCK, True, config.cdf_threshold, config.sim_threshold
+    )[0]
+
+
+def run_int8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pv_fp8: bool = False,
+    q_block: int = Q_BLOCK,
+    k_block: int = K_BLOCK,
+    sparse: bool = False,
+    config: SparsityConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels called directly, without the CUDA-only op wrapper: every option, and
+    ``TRITON_INTERPRET=1`` on the CPU. Returns ``(out, lse)``."""
+    config = config or SparsityConfig()
+    return _forward(
+        q, k, v, pv_fp8, q_block, k_block, sparse, config.cdf_threshold, config.sim_threshold
+    )
+
+
+# ---------------------------------------------------------------- registry factories
+
+
+def make_int8(device: torch.device) -> Any:
+    del device
+    return int8_attention
+
+
+def make_int8_lse(device: torch.device) -> Any:
+    del device
+    return int8_attention_lse
+
+
+def make_int8_fp8(device: torch.device) -> Any:
+    del device
+    return int8_fp8_attention
+
+
+def make_int8_fp8_lse(device: torch.device) -> Any:
+    del device
+    return int8_fp8_attention_lse
+
+
+def make_sparse(device: torch.device) -> Any:
+    del device
+    return sparse_int8_attention
