@@ -418,7 +418,9 @@ def test_gpu_kernel_matches_emulation(pv_fp8: bool, dim: int, blocks: tuple[int,
     )
     exact, exact_lse = reference_attention(q, k, v)
     assert out.shape == q.shape and out.stride() == (1000 * 3 * dim, dim, 3 * dim, 1)
-    assert float((lse - ref_lse).abs().max()) < 1e-3
+    # fp32 sums in another order than the emulation: 1.5e-3 seen on an H200 (LSE ~7); a wrong
+    # index or scale is off by O(1).
+    assert float((lse - ref_lse).abs().max()) < 4e-3
     assert float((lse - exact_lse).abs().max()) < 5e-2
     if pv_fp8:  # P is rounded against the running max in the kernel: other fp8 roundings
         assert relative_error(out, ref) < 8e-2 and relative_error(out, exact) < 6e-2
