@@ -347,10 +347,17 @@ def share_manifest(manifest: dict[str, Any] | None, config: WorkerConfig) -> dic
     if config.world_size == 1:
         assert manifest is not None
         return manifest
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+        # One default group for both: gloo for this CPU object broadcast, NCCL for the
+        # ParallelGroups' CUDA collectives later (ParallelGroups.initialize reuses it).
+        if torch.cuda.is_available() and config.device != "cpu":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group(backend="gloo")
     box: list[Any] = [manifest]
     dist.broadcast_object_list(box, src=0)
     shared: dict[str, Any] = box[0]
@@ -391,8 +398,15 @@ def run(config: WorkerConfig, reporter: StatusReporter | None) -> dict[str, Any]
         if reporter is not None:
             reporter.progress(step, total)
 
+    groups = None
+    if config.world_size > 1:
+        from smartdiff.parallel.groups import ParallelGroups
+
+        groups = ParallelGroups.from_degrees(system, device=system.device)
     try:
-        engine = Engine.from_params(model, system, weights_path=weights, on_step=on_step)
+        engine = Engine.from_params(
+            model, system, weights_path=weights, on_step=on_step, groups=groups
+        )
     except (ValueError, FileNotFoundError, OSError) as error:
         raise WorkerFailure("LoadFailed", f"loading {model.name}: {error}") from error
     task = engine.submit(user)

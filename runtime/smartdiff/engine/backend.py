@@ -8,10 +8,12 @@ through transformers, or seeded RANDOM weights for a ``random_weights`` model su
 ``wan-tiny-random``. The generator receives the backend object explicitly; nothing here lives in
 class-level or module-level state.
 
-Memory levels (DESIGN.md): 0 everything on the device; 1 VAE tiling (not available yet in
-:class:`~smartdiff.models.wan_vae.WanVAE`: level 1 decodes untiled and says so in the log);
-2 the text encoder stays on the CPU; 3 inactive DiT experts on the CPU (Wan2.1 has a single
-expert, so 3 behaves as 2).
+Memory levels (DESIGN.md, :func:`smartdiff.engine.offload.plan_memory`): 0 everything on
+the device; 1 the VAE decodes tiled (:mod:`smartdiff.models.vae_tiling`); 2 the text encoder
+stays on the CPU; 3 inactive DiT experts on the CPU (Wan2.2 A14B: the low-noise expert waits
+on the host, :class:`~smartdiff.engine.offload.ExpertOffloader`; a single-expert model behaves
+as at 2). Two-expert models (``dit_2``) and the Wan2.2 VAE are built from the model config; the
+backend also owns the prompt-embedding cache next to its text encoder.
 """
 
 from __future__ import annotations
@@ -25,10 +27,15 @@ from typing import Final
 import torch
 
 from smartdiff.api.params import SystemParams
+from smartdiff.engine.offload import ExpertOffloader, plan_memory
+from smartdiff.engine.prompt_cache import PromptEmbeddingCache
 from smartdiff.models.registry import ModelConfig, load_model_config
 from smartdiff.models.text_encoder import TextEncoder
+from smartdiff.models.wan22_vae import Wan22VAE, Wan22VAEConfig
 from smartdiff.models.wan_dit import AttentionFn, WanDiT
 from smartdiff.models.wan_vae import WanVAE
+from smartdiff.parallel.dit import ParallelDiT, parallelize
+from smartdiff.parallel.groups import ParallelGroups
 
 LOG = logging.getLogger(__name__)
 
@@ -65,9 +72,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_placement(system: SystemParams) -> Placement:
-    """The :class:`Placement` for ``system`` (device, dtype, memory level)."""
-    device = resolve_device(system.device)
+def resolve_placement(system: SystemParams, device: torch.device | None = None) -> Placement:
+    """The :class:`Placement` for ``system`` (device, dtype, memory level); ``device``
+    overrides ``system.device`` (a parallel rank computes on its own ``cuda:<local_rank>``)."""
+    device = device if device is not None else resolve_device(system.device)
     text_device = torch.device("cpu") if system.memory_level >= 2 else device
     return Placement(device=device, dtype=DTYPES[system.dtype], text_encoder_device=text_device,
                      memory_level=system.memory_level)
@@ -97,17 +105,69 @@ class Backend:
         model: the model config.
         placement: device, dtype, memory level.
         dit / vae / text_encoder: the ready components (eval mode, no grad).
+        dit_2: the low-noise expert of a two-expert model (Wan2.2 A14B), else ``None``.
         load_seconds: time spent building them.
+        groups: this rank's process groups (:class:`~smartdiff.parallel.groups.ParallelGroups`)
+            under a parallel launch; ``None`` for one process.
     """
 
-    def __init__(self, model: ModelConfig, placement: Placement, *, dit: WanDiT, vae: WanVAE,
-                 text_encoder: TextEncoder, load_seconds: float = 0.0) -> None:
+    def __init__(self, model: ModelConfig, placement: Placement, *, dit: WanDiT,
+                 vae: WanVAE | Wan22VAE, text_encoder: TextEncoder, load_seconds: float = 0.0,
+                 groups: ParallelGroups | None = None, dit_2: WanDiT | None = None) -> None:
         self.model = model
         self.placement = placement
         self.dit = dit
         self.vae = vae
         self.text_encoder = text_encoder
         self.load_seconds = load_seconds
+        self.groups = groups
+        # What the denoising loop calls: the DiT itself, or the DiT split over the sequence
+        # ranks (context parallel); CFG parallel is the generator's (guided_noise).
+        self.runner: WanDiT | ParallelDiT = dit if groups is None else parallelize(dit, groups)
+        self.dit_2 = dit_2
+        self.runner_2: WanDiT | ParallelDiT | None = (
+            dit_2 if dit_2 is None or groups is None else parallelize(dit_2, groups)
+        )
+        self.memory = plan_memory(placement.memory_level)
+        self.vae.tiling = self.memory.vae_tiling
+        # Level 3 with two experts: one on the device at a time (the other's weights on host).
+        self.offloader = (
+            ExpertOffloader([dit, dit_2], placement.device)
+            if dit_2 is not None and self.memory.offload_inactive_experts
+            else None
+        )
+        self.prompt_cache = PromptEmbeddingCache()
+
+    @property
+    def num_experts(self) -> int:
+        return 1 if self.dit_2 is None else 2
+
+    def expert(self, index: int) -> WanDiT:
+        """DiT expert ``index`` (0: the only or high-noise expert, 1: the low-noise expert)."""
+        if index == 0:
+            return self.dit
+        if index == 1 and self.dit_2 is not None:
+            return self.dit_2
+        raise ValueError(f"expert {index} is not allowed: model {self.model.name!r} has "
+                         f"{self.num_experts} expert(s)")
+
+    def expert_runner(self, index: int) -> WanDiT | ParallelDiT:
+        """What the denoising loop calls for expert ``index`` (see :attr:`runner`)."""
+        self.expert(index)  # checks the index
+        runner = self.runner if index == 0 else self.runner_2
+        assert runner is not None
+        return runner
+
+    def activate_expert(self, index: int) -> None:
+        """Make sure expert ``index`` is on the device (memory level 3 swaps experts)."""
+        self.expert(index)
+        if self.offloader is not None:
+            self.offloader.activate(index)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes outputs (rank 0, or the only process)."""
+        return self.groups is None or self.groups.is_main
 
     @property
     def device(self) -> torch.device:
@@ -123,32 +183,36 @@ class Backend:
 
     @classmethod
     def from_params(cls, model: ModelConfig | str, system: SystemParams,
-                    weights_path: str | os.PathLike[str] | None = None) -> Backend:
+                    weights_path: str | os.PathLike[str] | None = None,
+                    groups: ParallelGroups | None = None) -> Backend:
         """Build every component.
 
         Args:
             model: a :class:`ModelConfig` or a config name (``configs/models/<name>.yaml``).
-            system: device, dtype, attention backend and memory level (parallel degrees are
-                the parallel layer's business and must be 1 here).
+            system: device, dtype, attention backend, memory level and parallel degrees.
             weights_path: a released weights folder, official Wan2.1 or diffusers layout
                 (:func:`smartdiff.io.release.detect_release`), or a weights URI: ``file://``,
                 ``pvc://`` or ``s3://`` (downloaded into the node-local cache,
                 :func:`smartdiff.io.weights.resolve_weights_uri`). Required unless the model
                 has ``random_weights``, in which case ``None`` builds seeded random weights.
+            groups: this rank's process groups, required when the degrees' product (world
+                size) is above 1 (:meth:`ParallelGroups.from_degrees` under torchrun); every
+                rank builds the same weights on ``groups.device``.
         """
         config = load_model_config(model) if isinstance(model, str) else model
-        if system.world_size != 1:
+        if system.world_size != 1 and (
+            groups is None
+            or (groups.cfg, groups.ulysses, groups.ring)
+            != (system.cfg, system.ulysses, system.ring)
+        ):
             raise ValueError(
-                f"Backend.from_params runs one process: cfg={system.cfg}, "
-                f"ulysses={system.ulysses}, ring={system.ring} (world size "
-                f"{system.world_size}) need the parallel launcher (allowed here: all 1)"
+                f"cfg={system.cfg}, ulysses={system.ulysses}, ring={system.ring} (world size "
+                f"{system.world_size}) need the process groups of a parallel launch "
+                "(ParallelGroups.from_degrees under torchrun) with the same degrees"
             )
         resolve_attention(system.attention)  # an unknown name fails before anything is built
-        placement = resolve_placement(system)
+        placement = resolve_placement(system, groups.device if groups is not None else None)
         attention = resolve_attention(system.attention, placement, config.dit.head_dim)
-        if placement.memory_level == 1:
-            LOG.warning("memory_level 1 asks for VAE tiling, which WanVAE does not provide yet; "
-                        "the VAE decodes untiled")
         start = time.perf_counter()
         if weights_path is None:
             if not config.random_weights:
@@ -160,20 +224,35 @@ class Backend:
             parts = _random_components(config, placement, attention)
         else:
             parts = _load_components(config, placement, attention, weights_path)
-        dit, vae, text_encoder = parts
+        dit, dit_2, vae, text_encoder = parts
         if placement.device.type == "cuda":
             # Fused norms/modulation/RoPE: 1.12x per forward on an H200 (benchmarks/).
             dit.fuse_elementwise()
+            if dit_2 is not None:
+                dit_2.fuse_elementwise()
             torch.cuda.synchronize(placement.device)
         seconds = time.perf_counter() - start
         LOG.info("loaded %s on %s (%s, memory level %d) in %.2f s", config.name,
                  placement.device, placement.dtype, placement.memory_level, seconds)
         return cls(config, placement, dit=dit, vae=vae, text_encoder=text_encoder,
-                   load_seconds=seconds)
+                   load_seconds=seconds, groups=groups, dit_2=dit_2)
+
+
+Components = tuple[WanDiT, WanDiT | None, WanVAE | Wan22VAE, TextEncoder]
+
+
+def _vae_class(config: ModelConfig) -> type[WanVAE] | type[Wan22VAE]:
+    return Wan22VAE if isinstance(config.vae, Wan22VAEConfig) else WanVAE
+
+
+def _second_expert_device(placement: Placement) -> torch.device:
+    """Where the low-noise expert is built: the host at memory level 3 (it is inactive first)."""
+    offload = plan_memory(placement.memory_level).offload_inactive_experts
+    return torch.device("cpu") if offload else placement.device
 
 
 def _random_components(config: ModelConfig, placement: Placement, attention: AttentionFn | None
-                       ) -> tuple[WanDiT, WanVAE, TextEncoder]:
+                       ) -> Components:
     """Seeded RANDOM weights (built on the CPU in fp32 with the modules' own initialization,
     then moved): the same seed gives the same weights on every device."""
     seed = config.random_seed
@@ -181,17 +260,24 @@ def _random_components(config: ModelConfig, placement: Placement, attention: Att
         torch.manual_seed(seed)
         dit = WanDiT(config.dit, attention=attention)
         torch.manual_seed(seed + 1)
-        vae = WanVAE(config.vae)
+        vae = _vae_class(config)(config.vae)  # type: ignore[arg-type]
+        dit_2 = None
+        if config.num_experts == 2:
+            torch.manual_seed(seed + 3)
+            dit_2 = WanDiT(config.dit, attention=attention)
     dit = dit.cast(placement.dtype).to(placement.device).eval().requires_grad_(False)
+    if dit_2 is not None:
+        dit_2 = dit_2.cast(placement.dtype).to(_second_expert_device(placement))
+        dit_2 = dit_2.eval().requires_grad_(False)
     vae = vae.to(device=placement.device, dtype=placement.dtype).eval().requires_grad_(False)
     text_encoder = TextEncoder.random(config.text_encoder, seed=seed + 2,
                                       device=placement.text_encoder_device,
                                       dtype=placement.dtype)
-    return dit, vae, text_encoder
+    return dit, dit_2, vae, text_encoder
 
 
 def _load_components(config: ModelConfig, placement: Placement, attention: AttentionFn | None,
-                     weights: str | os.PathLike[str]) -> tuple[WanDiT, WanVAE, TextEncoder]:
+                     weights: str | os.PathLike[str]) -> Components:
     """Load from a release folder (official Wan2.1 or diffusers layout) or a weights URI."""
     from smartdiff.io.release import check_release_architecture, detect_release
     from smartdiff.io.weights import resolve_weights_uri
@@ -203,11 +289,34 @@ def _load_components(config: ModelConfig, placement: Placement, attention: Atten
     LOG.info("weights %s: %s layout", root, release.layout)
     dit = WanDiT.from_checkpoint(release.dit, config.dit, device=placement.device,
                                  dtype=placement.dtype, attention=attention)
-    vae = WanVAE.from_checkpoint(release.vae, config.vae, device=placement.device,
-                                 dtype=placement.dtype)
+    dit_2 = None
+    if config.num_experts == 2:
+        dit_2 = WanDiT.from_checkpoint(_second_expert_weights(root, config), config.dit,
+                                       device=_second_expert_device(placement),
+                                       dtype=placement.dtype, attention=attention)
+    vae = _vae_class(config).from_checkpoint(release.vae, config.vae,  # type: ignore[arg-type]
+                                             device=placement.device, dtype=placement.dtype)
     load_text_encoder = (TextEncoder.from_official_checkpoint if release.layout == "official"
                          else TextEncoder.from_pretrained)
     text_encoder = load_text_encoder(release.text_encoder, config.text_encoder,
                                      tokenizer_path=release.tokenizer,
                                      device=placement.text_encoder_device, dtype=placement.dtype)
-    return dit, vae, text_encoder
+    return dit, dit_2, vae, text_encoder
+
+
+def _second_expert_weights(root: os.PathLike[str], config: ModelConfig) -> os.PathLike[str]:
+    """The low-noise expert's checkpoint: ``<root>/<weights.dit_2>/`` (diffusers layout:
+    ``transformer_2/``), its single safetensors file or its shard index."""
+    from pathlib import Path
+
+    from smartdiff.io.release import ReleaseLayoutError, _find_weights
+
+    folder = Path(root) / config.weights.dit_2
+    found, missing = _find_weights(folder) if folder.is_dir() else (None, [])
+    if found is None:
+        raise ReleaseLayoutError(
+            f"model {config.name!r} has two experts: {str(folder)!r} must hold the low-noise "
+            "expert (config.json and safetensors)"
+            + (f"; missing: {'; '.join(missing)}" if missing else "")
+        )
+    return found

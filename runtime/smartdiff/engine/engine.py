@@ -34,6 +34,7 @@ from smartdiff.engine.request import check_request
 from smartdiff.engine.scheduler import FifoScheduler, Scheduler, TaskOutcome
 from smartdiff.engine.task import Task, TaskCancelled
 from smartdiff.models.registry import ModelConfig, load_model_config
+from smartdiff.parallel.groups import ParallelGroups
 
 LOG = logging.getLogger(__name__)
 
@@ -77,10 +78,12 @@ class Engine:
         options: GeneratorOptions | None = None,
         on_step: StepCallback | None = None,
         on_finish: FinishCallback | None = None,
+        groups: ParallelGroups | None = None,
     ) -> Engine:
-        """Load the backend (see :meth:`Backend.from_params`) and build an engine on it."""
+        """Load the backend (see :meth:`Backend.from_params`; ``groups`` for a parallel
+        launch) and build an engine on it."""
         config = load_model_config(model) if isinstance(model, str) else model
-        backend = Backend.from_params(config, system, weights_path)
+        backend = Backend.from_params(config, system, weights_path, groups=groups)
         return cls(backend, options=options, on_step=on_step, on_finish=on_finish)
 
     @property

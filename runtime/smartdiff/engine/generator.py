@@ -33,10 +33,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from smartdiff.cache.base import attached
+from smartdiff.cache.base import attached, sum_over_group
 from smartdiff.cache.factory import make_step_cache
 from smartdiff.engine.backend import Backend
+from smartdiff.engine.conditioning import FirstFrameCondition
+from smartdiff.engine.experts import ExpertSchedule
 from smartdiff.engine.task import Task, TaskStatus
+from smartdiff.parallel.cfg import guided_noise
+from smartdiff.parallel.vae import decode_once
 from smartdiff.samplers import SamplerConfig, make_sampler
 
 LOG = logging.getLogger(__name__)
@@ -122,8 +126,9 @@ class Generator:
             prompts = [task.params.prompt]
             if task.params.do_cfg:
                 prompts.append(task.params.negative_prompt)
-            embeds = backend.text_encoder.encode(prompts, device=backend.device,
-                                                 dtype=backend.dtype)
+            # A repeated prompt comes from the backend's cache, not the text encoder.
+            embeds = backend.prompt_cache.encode(backend.text_encoder, prompts,
+                                                 device=backend.device, dtype=backend.dtype)
             task.buffers.prompt_embeds = embeds[:1]
             task.buffers.negative_embeds = embeds[1:] if task.params.do_cfg else None
 
@@ -132,25 +137,73 @@ class Generator:
         p = task.params
         return (1, *self.backend.model.latent_shape(p.frames, p.height, p.width))
 
+    def expert_schedule(self, task: Task) -> ExpertSchedule:
+        """Which expert and guidance each step uses (Wan2.2 A14B: two experts)."""
+        experts = self.backend.model.experts
+        return ExpertSchedule(
+            boundary_ratio=None if experts is None else experts.boundary_ratio,
+            guidance_scale=task.params.guidance_scale,
+            guidance_scale_2=None if experts is None else task.params.guidance_scale_2,
+        )
+
+    def image_condition(self, task: Task) -> FirstFrameCondition | None:
+        """The encoded first frame of an image-to-video request, else ``None``."""
+        p = task.params
+        if p.image is None:
+            return None
+        from smartdiff.io.images import load_image
+
+        image = load_image(p.image, p.width, p.height)
+        return FirstFrameCondition.from_image(
+            self.backend.vae, image, self.latent_shape(task), self.backend.model.dit.patch_size,
+            self.backend.device,
+        )
+
     def denoise(self, task: Task, on_step: StepCallback | None = None) -> None:
-        """Run every sampler step from fresh noise; leaves fp32 latents in ``task.buffers``."""
+        """Run every sampler step from fresh noise; leaves fp32 latents in ``task.buffers``.
+
+        Two-expert models switch experts (and guidance) at the boundary timestep
+        (:class:`ExpertSchedule`); image-to-video feeds the DiT the first frame encoded from
+        the image, with timestep 0 on its tokens (:class:`FirstFrameCondition`).
+        """
         p = task.params
         sampler = make_sampler(p.solver, SamplerConfig(num_steps=p.steps, shift=p.shift))
         timesteps = sampler.timesteps.to(self.backend.device)
         total = len(timesteps)
+        plan = self.expert_schedule(task).plan(sampler.timesteps.tolist())
         # A fresh step cache per task (FlexCache; None for policy "none"), attached to the DiT
         # for this loop only, so nothing crosses requests.
-        cache = make_step_cache(p.cache.policy, p.cache.threshold, self.backend.model.dit)
+        groups = self.backend.groups
+        reduce = (
+            sum_over_group(groups.sequence_group)
+            if groups is not None and groups.sequence_size > 1
+            else None
+        )
+        cache = make_step_cache(
+            p.cache.policy, p.cache.threshold, self.backend.model.dit, reduce=reduce
+        )
         with self._timed(task, "denoise"), attached(self.backend.dit, cache):
             assert task.seed is not None  # set by Task.__post_init__
+            if groups is not None:  # a seed drawn per rank would differ: rank 0's wins
+                task.seed = groups.share(task.seed)
             latents = initial_noise(self.latent_shape(task), task.seed, self.backend.device)
+            condition = self.image_condition(task)
             task.set_progress(0, total)
             for index in range(total):
                 task.raise_if_cancelled()
                 if cache is not None:
                     cache.begin_step(index, total, float(sampler.timesteps[index]))
-                noise = self.predict_noise(latents, timesteps[index], task)
+                step = plan[index]
+                self.backend.activate_expert(step.expert)  # memory level 3 swaps experts
+                model_input, timestep = latents, timesteps[index]
+                if condition is not None:
+                    model_input = condition.blend(latents)
+                    timestep = condition.token_timesteps(timestep)
+                noise = self.predict_noise(model_input, timestep, task, expert=step.expert,
+                                           guidance_scale=step.guidance_scale)
                 latents = sampler.step(noise, latents, index)
+                if condition is not None and index + 1 == total:
+                    latents = condition.blend(latents)
                 task.buffers.latents = latents
                 task.set_progress(index + 1, total)
                 if on_step is not None:
@@ -158,31 +211,58 @@ class Generator:
         if cache is not None:
             LOG.info("task %s: %s", task.id, cache.describe())
 
-    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor,
-                      task: Task) -> torch.Tensor:
-        """The guided velocity for ``latents [1, C, F, H, W]`` at ``timestep`` (0-d), fp32."""
-        dit = self.backend.dit
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, task: Task, *,
+                      expert: int = 0, guidance_scale: float | None = None) -> torch.Tensor:
+        """The guided velocity for ``latents [1, C, F, H, W]`` at ``timestep`` (0-d, or per
+        token ``[1, S]``), fp32, from DiT ``expert`` with ``guidance_scale`` (default: the
+        request's)."""
+        guidance = task.params.guidance_scale if guidance_scale is None else guidance_scale
+        groups = self.backend.groups
+        if groups is not None and groups.world_size > 1:
+            # CFG parallel (each cfg rank group runs one branch) x context parallel (runner).
+            return guided_noise(
+                self.backend.expert_runner(expert),
+                latents,
+                timestep,
+                task.buffers.prompt_embeds,
+                task.buffers.negative_embeds if task.params.do_cfg else None,
+                guidance,
+                groups,
+            )
+        dit = self.backend.expert(expert)
         x = latents.to(dit.dtype)
         cond: torch.Tensor = task.buffers.prompt_embeds
+
+        def steps(batch: int) -> torch.Tensor:  # [batch] or per token [batch, S]
+            return timestep.expand(batch) if timestep.ndim == 0 else timestep.expand(batch, -1)
+
         if not task.params.do_cfg:
-            return dit.forward(x, timestep.expand(x.shape[0]), cond).float()
+            return dit.forward(x, steps(x.shape[0]), cond).float()
         uncond: torch.Tensor = task.buffers.negative_embeds
         if self.options.cfg_mode == "batched":
-            both = dit.forward(torch.cat([x, x]), timestep.expand(2 * x.shape[0]),
+            both = dit.forward(torch.cat([x, x]), steps(2 * x.shape[0]),
                                torch.cat([cond, uncond]))
             noise_cond, noise_uncond = both.float().chunk(2)
         else:
-            noise_cond = dit.forward(x, timestep.expand(x.shape[0]), cond).float()
-            noise_uncond = dit.forward(x, timestep.expand(x.shape[0]), uncond).float()
-        return noise_uncond + task.params.guidance_scale * (noise_cond - noise_uncond)
+            noise_cond = dit.forward(x, steps(x.shape[0]), cond).float()
+            noise_uncond = dit.forward(x, steps(x.shape[0]), uncond).float()
+        return noise_uncond + guidance * (noise_cond - noise_uncond)
 
     def decode(self, task: Task) -> torch.Tensor:
         """Decode the final latents; store and return the video (see :meth:`generate`)."""
         vae = self.backend.vae
         if task.buffers.latents is None:
             raise ValueError(f"task {task.id} has no latents to decode (denoise first)")
+        groups = self.backend.groups
         with self._timed(task, "decode"):
             latents = task.buffers.latents.to(device=vae.device, dtype=vae.dtype)
-            video: torch.Tensor = vae.decode(vae.denormalize_latents(latents)).float().cpu()
+            if groups is None or groups.world_size == 1:
+                video = vae.decode(vae.denormalize_latents(latents)).float().cpu()
+            else:  # decoded once, on rank 0 (which writes the video); the others get it too
+                decoded = decode_once(
+                    lambda z: vae.decode(vae.denormalize_latents(z)), latents, groups
+                )
+                assert decoded is not None
+                video = decoded.float().cpu()
         task.buffers.video = video
         return video

@@ -22,6 +22,8 @@ Talks to: :class:`WanDiT` (``embed``, ``blocks``, ``head``, ``unpatchify``, ``at
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -98,8 +100,13 @@ class ParallelDiT:
             sin=shard_tokens(inputs.rope.sin, start, stop),
         )
         attention = ContextParallelAttention(groups, layout, model.attention, self.lse_attention)
-        for block in model.blocks:
-            x = block(x, inputs.e0, inputs.context, rope, attention, model.cross_attention)
+        # Through the model's block runner, so a step cache attached to it works here too.
+        x = model.run_blocks(
+            x,
+            dataclasses.replace(inputs, rope=rope),
+            attention,
+            valid_tokens=layout.shard_valid(groups.sequence_rank),
+        )
         out = gather_tokens(model.head(x, inputs.e), groups.sequence_group, layout)
         return model.unpatchify(out, inputs.grid)
 
