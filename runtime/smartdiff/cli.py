@@ -55,6 +55,12 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 DEMO_MODEL: Final = "wan-tiny-random"
+# The random-weights stand-in of each model family (same pipeline, tiny shapes).
+DEMO_MODEL_OF_FAMILY: Final = {
+    "wan2.1-t2v": DEMO_MODEL,
+    "wan2.2-t2v-a14b": "wan22-a14b-tiny-random",
+    "wan2.2-ti2v": "wan22-ti2v-tiny-random",
+}
 # Demo runs take these from the tiny model's defaults: they set the cost of a run.
 DEMO_SHAPE_FIELDS: Final = ("width", "height", "frames", "fps", "steps")
 FLAG_OF: Final = {
@@ -67,6 +73,8 @@ FLAG_OF: Final = {
     "fps": "--fps",
     "steps": "--steps",
     "guidance_scale": "--guidance-scale",
+    "guidance_scale_2": "--guidance-scale-2",
+    "image": "--image",
     "shift": "--shift",
     "seed": "--seed",
     "solver": "--solver",
@@ -85,6 +93,8 @@ SPEC_PATH_OF: Final = {
     "fps": "spec.video.fps",
     "steps": "spec.sampling.steps",
     "guidance_scale": "spec.sampling.guidanceScale",
+    "guidance_scale_2": "spec.sampling.guidanceScale2",
+    "image": "spec.image",
     "shift": "spec.sampling.shift",
     "seed": "spec.sampling.seed",
     "solver": "spec.sampling.solver",
@@ -103,6 +113,8 @@ USER_FLAGS: Final = (
     "fps",
     "steps",
     "guidance_scale",
+    "guidance_scale_2",
+    "image",
     "shift",
     "seed",
     "solver",
@@ -162,11 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--fps", int, "frames per second of the MP4"),
         ("--steps", int, "denoising steps"),
         ("--guidance-scale", float, "classifier-free guidance scale (<= 1 disables CFG)"),
+        ("--guidance-scale-2", float, "guidance of the low-noise expert (Wan2.2 A14B)"),
         ("--shift", float, "flow-matching timestep shift"),
         ("--seed", int, "noise seed (default: a random one, printed at the end)"),
     ):
         generate.add_argument(flag, type=kind, help=f"{text} (default: the model's)")
     generate.add_argument("--solver", help=f"one of {', '.join(SOLVERS)} (default: the model's)")
+    generate.add_argument(
+        "--image",
+        help="image-to-video (Wan2.2 TI2V): the first frame, a path, file://, pvc:// or s3://",
+    )
     generate.add_argument(
         "--name",
         help="output name used with a directory or s3://.../ "
@@ -245,6 +262,8 @@ def _weights_path(value: str, origin: str, model: ModelConfig) -> Path:
         )
     layout = model.weights
     needed = ["dit", "vae", "text_encoder"]
+    if model.num_experts == 2:
+        needed.insert(1, "dit_2")
     if model.text_encoder.tokenizer != "byte-level":
         needed.append("tokenizer")
     folders = [getattr(layout, name) for name in needed]
@@ -293,11 +312,11 @@ def plan_generate(args: argparse.Namespace) -> Plan:
     model = _load_model(model_name, "--model")
     demo_note = None
     if weights_value is None and not model.random_weights:
+        demo = DEMO_MODEL_OF_FAMILY.get(model.family, DEMO_MODEL)
         demo_note = (
-            f"no --weights for model {model.name!r}: running {DEMO_MODEL!r} at its demo "
-            "shape instead"
+            f"no --weights for model {model.name!r}: running {demo!r} at its demo shape instead"
         )
-        model = _load_model(DEMO_MODEL, "--model")
+        model = _load_model(demo, "--model")
         fields = _demo_fields(model, requested)
     else:
         fields = {**model.defaults.as_request_fields(), **requested, "model": model.name}
@@ -344,11 +363,12 @@ def plan_run(args: argparse.Namespace) -> Plan:
         weights_value, weights_origin = spec.model.weights, "spec.model.weights"
     demo_note = None
     if weights_value is None and not model.random_weights:
+        demo = DEMO_MODEL_OF_FAMILY.get(model.family, DEMO_MODEL)
         demo_note = (
             f"spec.model.weights is unset for model {model.name!r}: running "
-            f"{DEMO_MODEL!r} at its demo shape instead"
+            f"{demo!r} at its demo shape instead"
         )
-        model = _load_model(DEMO_MODEL, "spec.model.name")
+        model = _load_model(demo, "spec.model.name")
         requested = _demo_fields(model, requested)
     elif model.random_weights:
         demo_note = f"model {model.name!r} was requested"

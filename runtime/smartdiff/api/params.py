@@ -93,6 +93,12 @@ class UserParams(BaseModel):
     """Flow-matching solver: ``unipc``, ``dpm++`` or ``euler``."""
     cache: CachePolicy = CachePolicy()
     """Step cache policy."""
+    guidance_scale_2: float | None = None
+    """Guidance of the low-noise expert of a two-expert model (Wan2.2 A14B), in [0, 50];
+    None uses ``guidance_scale``."""
+    image: str | None = None
+    """Image-to-video (Wan2.2 TI2V): the first frame, as a path, ``file:///path``,
+    ``pvc://claim/path`` or ``s3://bucket/key``; None for text-to-video."""
 
     @property
     def do_cfg(self) -> bool:
@@ -140,6 +146,27 @@ class UserParams(BaseModel):
         return checks.check_float_range(
             _name(info), value, checks.GUIDANCE_MIN, checks.GUIDANCE_MAX
         )
+
+    @field_validator("guidance_scale_2")
+    @classmethod
+    def _check_guidance_2(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return None
+        return checks.check_float_range(
+            _name(info), value, checks.GUIDANCE_MIN, checks.GUIDANCE_MAX
+        )
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (not value.strip() or len(value) > checks.URI_MAX):
+            raise checks.rejection(
+                _name(info),
+                value,
+                f"a non-empty path or URI of at most {checks.URI_MAX} "
+                "characters (path, file://, pvc:// or s3://)",
+            )
+        return value
 
     @field_validator("shift")
     @classmethod

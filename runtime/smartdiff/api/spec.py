@@ -147,6 +147,12 @@ class SamplingSpec(ApiModel):
         json_schema_extra={"minimum": checks.GUIDANCE_MIN, "maximum": checks.GUIDANCE_MAX},
     )
     """Classifier-free guidance scale in [0, 50]; <= 1 disables CFG."""
+    guidance_scale_2: float | None = Field(
+        default=None,
+        json_schema_extra={"minimum": checks.GUIDANCE_MIN, "maximum": checks.GUIDANCE_MAX},
+    )
+    """Guidance of the low-noise expert of a two-expert model (Wan2.2 A14B), in [0, 50];
+    unset uses ``guidanceScale``."""
     shift: float = Field(default=5.0, json_schema_extra={"exclusiveMinimum": 0, "maximum": 100})
     """Flow-matching timestep shift, in (0, 100]."""
     solver: Solver = "unipc"
@@ -164,6 +170,15 @@ class SamplingSpec(ApiModel):
     @field_validator("guidance_scale")
     @classmethod
     def _check_guidance(cls, value: float, info: ValidationInfo) -> float:
+        return checks.check_float_range(
+            json_name(info), value, checks.GUIDANCE_MIN, checks.GUIDANCE_MAX
+        )
+
+    @field_validator("guidance_scale_2")
+    @classmethod
+    def _check_guidance_2(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return None
         return checks.check_float_range(
             json_name(info), value, checks.GUIDANCE_MIN, checks.GUIDANCE_MAX
         )

@@ -104,6 +104,12 @@ class VideoGenerationSpec(ApiModel):
         default="", json_schema_extra={"maxLength": checks.PROMPT_MAX_CHARS}
     )
     """What the video should avoid."""
+    image: str | None = Field(
+        default=None,
+        json_schema_extra={"pattern": checks.WEIGHTS_URI_PATTERN, "maxLength": checks.URI_MAX},
+    )
+    """Image-to-video (Wan2.2 TI2V models): the first frame (PNG, JPEG or WebP) as
+    ``s3://bucket/key``, ``pvc://claim/path`` or ``file:///path``; unset for text-to-video."""
     video: VideoSpec = Field(default_factory=VideoSpec, json_schema_extra={"default": {}})
     """Size, length and frame rate."""
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, json_schema_extra={"default": {}})
@@ -137,6 +143,11 @@ class VideoGenerationSpec(ApiModel):
     @classmethod
     def _check_prompt(cls, value: str, info: ValidationInfo) -> str:
         return checks.check_prompt(json_name(info), value, allow_empty=info.field_name != "prompt")
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else checks.check_weights_uri(json_name(info), value)
 
     @field_validator("queue_name")
     @classmethod
@@ -222,6 +233,8 @@ class VideoGenerationSpec(ApiModel):
             fps=self.video.fps,
             steps=self.sampling.steps,
             guidance_scale=self.sampling.guidance_scale,
+            guidance_scale_2=self.sampling.guidance_scale_2,
+            image=self.image,
             shift=self.sampling.shift,
             seed=self.sampling.seed,
             solver=self.sampling.solver,

@@ -20,11 +20,16 @@ from typing import Any, Final
 import yaml
 
 from smartdiff.models.text_encoder import TextEncoderConfig
+from smartdiff.models.wan22_vae import Wan22VAEConfig
 from smartdiff.models.wan_dit import WanDiTConfig
 from smartdiff.models.wan_vae import WanVAEConfig
 
 CONFIG_DIR_ENV: Final = "SMARTDIFF_MODEL_CONFIGS"
-FAMILIES: Final = ("wan2.1-t2v",)
+# Pipeline families: Wan2.1 text-to-video; Wan2.2 A14B (two experts, Wan2.1 VAE); Wan2.2
+# TI2V-5B (Wan2.2 VAE, per-token timesteps, text- or image-to-video).
+FAMILIES: Final = ("wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.2-ti2v")
+TWO_EXPERT_FAMILIES: Final = ("wan2.2-t2v-a14b",)
+WAN22_VAE_FAMILIES: Final = ("wan2.2-ti2v",)
 _TOP_LEVEL_KEYS: Final = frozenset(
     {
         "name",
@@ -37,6 +42,7 @@ _TOP_LEVEL_KEYS: Final = frozenset(
         "text_encoder",
         "weights",
         "defaults",
+        "experts",
     }
 )
 
@@ -58,9 +64,11 @@ class WeightsLayout:
 
     Args:
         dit / vae / text_encoder / tokenizer: paths relative to the weights folder.
+        dit_2: the second (low-noise) expert of a two-expert model.
     """
 
     dit: str = "transformer"
+    dit_2: str = "transformer_2"
     vae: str = "vae"
     text_encoder: str = "text_encoder"
     tokenizer: str = "tokenizer"
@@ -82,6 +90,7 @@ class ModelDefaults:
     fps: int = 16
     steps: int = 50
     guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None
     shift: float = 5.0
     solver: str = "unipc"
     negative_prompt: str = ""
@@ -91,15 +100,35 @@ class ModelDefaults:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelDefaults.{name} must be a positive int, got {value!r}")
-        for name in ("guidance_scale", "shift"):
+        for name in ("guidance_scale", "guidance_scale_2", "shift"):
             value = getattr(self, name)
+            if value is None and name == "guidance_scale_2":
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"ModelDefaults.{name} must be a number >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
 
     def as_request_fields(self) -> dict[str, Any]:
-        """The defaults as ``UserParams`` keyword arguments."""
-        return dataclasses.asdict(self)
+        """The defaults as ``UserParams`` keyword arguments (unset optional ones left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertsConfig:
+    """The two DiT experts of a Wan2.2 A14B model (:mod:`smartdiff.engine.experts`).
+
+    Args:
+        boundary_ratio: the high-noise expert runs the steps with timestep
+            ``>= boundary_ratio * 1000``, the low-noise expert the others; in (0, 1).
+    """
+
+    boundary_ratio: float = 0.875
+
+    def __post_init__(self) -> None:
+        value = self.boundary_ratio
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+            raise ValueError(f"ExpertsConfig.boundary_ratio must be in (0, 1), got {value!r}")
+        object.__setattr__(self, "boundary_ratio", float(value))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,9 +137,11 @@ class ModelConfig:
 
     Args:
         name: the config name (file stem), e.g. ``wan2.1-t2v-1.3b``.
-        family: the pipeline family (``wan2.1-t2v``).
+        family: the pipeline family (``wan2.1-t2v``, ``wan2.2-t2v-a14b``, ``wan2.2-ti2v``).
         description: one line for humans.
-        dit / vae / text_encoder: the component architectures.
+        dit / vae / text_encoder: the component architectures (the ``wan2.2-ti2v`` family
+            has the Wan2.2 VAE; a two-expert model's experts share the ``dit`` architecture).
+        experts: the expert switch of a two-expert family, ``None`` otherwise.
         weights: where each component sits in a weights folder.
         defaults: recommended request settings.
         random_weights: the model has no checkpoint; the backend builds seeded random weights.
@@ -120,8 +151,9 @@ class ModelConfig:
     name: str
     family: str
     dit: WanDiTConfig
-    vae: WanVAEConfig
+    vae: WanVAEConfig | Wan22VAEConfig
     text_encoder: TextEncoderConfig
+    experts: ExpertsConfig | None = None
     weights: WeightsLayout = field(default_factory=WeightsLayout)
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     description: str = ""
@@ -133,6 +165,18 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
             )
+        two_experts = self.family in TWO_EXPERT_FAMILIES
+        if two_experts != (self.experts is not None):
+            raise ValueError(
+                f"ModelConfig {self.name!r}: family {self.family!r} "
+                + ("needs an 'experts' section" if two_experts else "has no 'experts' section")
+            )
+        wan22_vae = self.family in WAN22_VAE_FAMILIES
+        if wan22_vae != isinstance(self.vae, Wan22VAEConfig):
+            raise ValueError(
+                f"ModelConfig {self.name!r}: family {self.family!r} needs the "
+                + ("Wan2.2 VAE" if wan22_vae else "Wan2.1 VAE")
+            )
         if self.dit.text_dim != self.text_encoder.d_model:
             raise ValueError(
                 f"ModelConfig {self.name!r}: dit.text_dim ({self.dit.text_dim}) must equal "
@@ -143,6 +187,21 @@ class ModelConfig:
                 f"ModelConfig {self.name!r}: dit.in_dim ({self.dit.in_dim}) and dit.out_dim "
                 f"({self.dit.out_dim}) must equal vae.z_dim ({self.vae.z_dim})"
             )
+
+    @property
+    def num_experts(self) -> int:
+        """DiT experts: 2 for Wan2.2 A14B, else 1."""
+        return 1 if self.experts is None else 2
+
+    @property
+    def per_token_timesteps(self) -> bool:
+        """The DiT takes one timestep per token (Wan2.2 TI2V: ``expand_timesteps``)."""
+        return self.family == "wan2.2-ti2v"
+
+    @property
+    def image_to_video(self) -> bool:
+        """Requests may give a first-frame image (Wan2.2 TI2V)."""
+        return self.family == "wan2.2-ti2v"
 
     @property
     def size_multiple(self) -> int:
@@ -207,12 +266,14 @@ def parse_model_config(path: str | os.PathLike[str]) -> ModelConfig:
             f"equal the file name {path.stem!r}"
         )
     sections: dict[str, Any] = {}
+    vae_class = Wan22VAEConfig if raw.get("family") in WAN22_VAE_FAMILIES else WanVAEConfig
     for key, cls in (
         ("dit", WanDiTConfig),
-        ("vae", WanVAEConfig),
+        ("vae", vae_class),
         ("text_encoder", TextEncoderConfig),
         ("weights", WeightsLayout),
         ("defaults", ModelDefaults),
+        ("experts", ExpertsConfig),
     ):
         if key in raw or key in ("dit", "vae", "text_encoder"):
             sections[key] = _build(cls, raw.get(key), path, key)

@@ -390,6 +390,19 @@ class WanAttention(nn.Module):
 # ----------------------------------------------------------------------------- block
 
 
+def modulation_terms(table: torch.Tensor, e: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``table [1, count, dim] + e`` split into ``count`` fp32 terms.
+
+    ``e [B, count or 1, dim]`` (one timestep per sample) gives terms ``[B, 1, dim]``;
+    per-token ``e [B, S, count or 1, dim]`` (Wan2.2 TI2V) gives ``[B, S, dim]``; both broadcast
+    over ``x``. A size-1 ``count`` axis of ``e`` is shared by every term.
+    """
+    if e.ndim == 4:
+        shared = e.shape[2] == 1
+        return [table[:, i].float() + e[:, :, 0 if shared else i].float() for i in range(count)]
+    return list((table.float() + e.float()).chunk(count, dim=1))
+
+
 class WanBlock(nn.Module):
     """Self-attention, cross-attention to the text and an FFN, modulated by the timestep."""
 
@@ -420,12 +433,11 @@ class WanBlock(nn.Module):
         cross_attention: AttentionFn,
         reuse: AttentionReuse | None = None,
     ) -> torch.Tensor:
-        """``x [B, S, dim]``, ``e0 [B, 6, dim]`` (fp32), ``context [B, L, dim]`` -> like ``x``.
+        """``x [B, S, dim]``, ``e0 [B, 6, dim]`` or per token ``[B, S, 6, dim]`` (fp32),
+        ``context [B, L, dim]`` -> like ``x``.
 
         ``reuse`` lets a step cache supply the attention sub-layers' outputs (PAB)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0.float()).chunk(
-            6, dim=1
-        )
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation_terms(self.modulation, e0, 6)
         ops = self.ops
         h = ops.modulated_norm(x, shift1, scale1, self.eps)
         if reuse is None:
@@ -454,7 +466,8 @@ class WanHead(nn.Module):
         self.ops = EAGER
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e.float()[:, None, :]).chunk(2, dim=1)
+        """``x [B, S, dim]``, ``e [B, dim]`` or per token ``[B, S, dim]`` (fp32)."""
+        shift, scale = modulation_terms(self.modulation, e.unsqueeze(-2), 2)
         out: torch.Tensor = self.head(self.ops.modulated_norm(x, shift, scale, self.eps))
         return out
 
@@ -468,8 +481,10 @@ class WanDiTInputs:
 
     tokens: torch.Tensor  # [B, S, dim], model dtype
     grid: tuple[int, int, int]  # (f, h, w) patches
-    e: torch.Tensor  # [B, dim] fp32, time embedding (drives the head)
-    e0: torch.Tensor  # [B, 6, dim] fp32, time projection (drives every block)
+    # Time embedding (drives the head): [B, dim] fp32, or [B, S, dim] with per-token timesteps.
+    e: torch.Tensor
+    # Time projection (drives every block): [B, 6, dim] fp32, or [B, S, 6, dim] per token.
+    e0: torch.Tensor
     context: torch.Tensor  # [B, L, dim], model dtype
     rope: RotaryTable = field(repr=False)
 
@@ -555,8 +570,14 @@ class WanDiT(nn.Module):
                 f"patch_size {self.config.patch_size}"
             )
         batch = latents.shape[0]
-        if timestep.shape != (batch,):
-            raise ValueError(f"timestep must be [B] = [{batch}], got {tuple(timestep.shape)}")
+        num_tokens = math.prod(s // p for s, p in zip(sizes, self.config.patch_size, strict=True))
+        if timestep.shape not in ((batch,), (batch, num_tokens)):
+            raise ValueError(
+                f"timestep must be [B] = [{batch}] or per token [B, S] = [{batch}, {num_tokens}], "
+                f"got {tuple(timestep.shape)}"
+            )
+        if timestep.ndim == 2 and bool((timestep == timestep[:, :1]).all()):
+            timestep = timestep[:, 0]  # one value per sample: the cheaper, identical path
         if (
             context.ndim != 3
             or context.shape[0] != batch
@@ -569,16 +590,18 @@ class WanDiT(nn.Module):
         grid = (patches.shape[2], patches.shape[3], patches.shape[4])
         tokens = patches.flatten(2).transpose(1, 2)
         e = self.time_embedding(
-            sinusoidal_embedding(timestep, self.config.freq_dim).to(
+            sinusoidal_embedding(timestep.flatten(), self.config.freq_dim).to(
                 next(self.time_embedding.parameters()).dtype
             )
         ).float()
         e0 = self.time_projection(e.to(next(self.time_projection.parameters()).dtype)).float()
+        if timestep.ndim == 2:  # per-token timesteps (Wan2.2 TI2V): [B*S, ...] -> [B, S, ...]
+            e, e0 = e.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
         return WanDiTInputs(
             tokens=tokens,
             grid=grid,
             e=e,
-            e0=e0.unflatten(1, (6, self.config.dim)),
+            e0=e0.unflatten(-1, (6, self.config.dim)),
             context=self.text_embedding(context.to(self.dtype)),
             rope=rope_table(self.config, grid, latents.device),
         )
@@ -595,7 +618,8 @@ class WanDiT(nn.Module):
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
     ) -> torch.Tensor:
-        """``latents [B, in_dim, F, H, W]``, ``timestep [B]`` (float, 0..1000), ``context
+        """``latents [B, in_dim, F, H, W]``, ``timestep [B]`` (float, 0..1000) or per token
+        ``[B, S]`` (Wan2.2 TI2V, tokens in (frame, row, column) order), ``context
         [B, L, text_dim]`` (already padded by the caller, e.g. to 512 tokens) ->
         ``[B, out_dim, F, H, W]`` in the model dtype."""
         inputs = self.embed(latents, timestep, context)

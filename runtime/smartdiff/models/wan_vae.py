@@ -48,13 +48,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smartdiff.io.checkpoints import CheckpointError, load_strict, read_state_dict
+
+if TYPE_CHECKING:
+    from smartdiff.models.vae_tiling import VAETiling
 
 # The published latent statistics of the Wan2.1 VAE (official ``wan/modules/vae.py``, equal to
 # the defaults of diffusers' ``AutoencoderKLWan``).
@@ -359,14 +362,16 @@ class AttentionBlock(nn.Module):
 class Resample(nn.Module):
     """2x spatial up/downsampling, plus 2x temporal up/downsampling in the ``*3d`` modes.
 
-    Upsampling halves the channels (``dim -> dim // 2``), downsampling keeps them.
+    Upsampling halves the channels (``dim -> dim // 2``) unless ``out_dim`` is given (the
+    Wan2.2 VAE keeps them), downsampling keeps them.
     """
 
-    def __init__(self, dim: int, mode: ResampleMode) -> None:
+    def __init__(self, dim: int, mode: ResampleMode, out_dim: int | None = None) -> None:
         super().__init__()
         self.mode = mode
         if mode in ("upsample2d", "upsample3d"):
-            self.resample = nn.Sequential(FrameUpsample(), FrameConv2d(dim, dim // 2, 3, padding=1))
+            up_dim = dim // 2 if out_dim is None else out_dim
+            self.resample = nn.Sequential(FrameUpsample(), FrameConv2d(dim, up_dim, 3, padding=1))
         else:
             self.resample = nn.Sequential(FramePad(), FrameConv2d(dim, dim, 3, stride=2))
         self.time_conv: CausalConv3d | None = None
@@ -452,12 +457,64 @@ class Decoder3d(nn.Module):
                 blocks.append(Resample(out_dim, "upsample3d" if time else "upsample2d"))
         self.upsamples = nn.ModuleList(blocks)
         self.head = _head(dims[-1], 3)
+        # Stages for the tiled decode (smartdiff.models.vae_tiling): cut after every temporal
+        # up-sampler; the last stage ends with the head.
+        cuts = [
+            i + 1
+            for i, block in enumerate(blocks)
+            if isinstance(block, Resample) and block.mode == "upsample3d"
+        ]
+        bounds = [0, *cuts, len(blocks)]
+        self._stages: tuple[tuple[int, int], ...] = tuple(pairwise(bounds))
+        self.stage_scales, self.stage_radii = self._stage_geometry()
+
+    def _stage_geometry(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """Per stage: output pixels per latent position, and the spatial receptive radius in
+        latent positions (3x3 convolutions at their resolution, plus one coarse position per
+        nearest-neighbour up-sampling for rounding)."""
+        scales, radii = [], []
+        factor = 1
+        for index, (start, stop) in enumerate(self._stages):
+            radius = 0.0
+            for block in self.upsamples[start:stop]:
+                if isinstance(block, ResidualBlock):
+                    radius += 2.0 / factor
+                elif isinstance(block, Resample) and block.mode.startswith("upsample"):
+                    radius += 1.0 / factor
+                    factor *= 2
+                    radius += 1.0 / factor
+            if index == len(self._stages) - 1:
+                radius += 1.0 / factor  # the head's convolution
+            scales.append(factor)
+            radii.append(radius)
+        return tuple(scales), tuple(radii)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         x = _run_middle(self.middle, self.conv1(x, cache), cache)
         for block in self.upsamples:
             x = block(x, cache)
         return _run_head(self.head, x, cache)
+
+    # The StagedDecoder protocol of smartdiff.models.vae_tiling: trunk, then the stages.
+
+    def trunk(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """``conv1`` and the middle block (with the only non-local operation, the attention)."""
+        return _run_middle(self.middle, self.conv1(x, cache), cache)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._stages)
+
+    def run_stage(
+        self, index: int, x: torch.Tensor, cache: CausalCache, first_chunk: bool
+    ) -> torch.Tensor:
+        """Up-sampling stage ``index`` (the last one includes the head)."""
+        start, stop = self._stages[index]
+        for block in self.upsamples[start:stop]:
+            x = block(x, cache)
+        if index == len(self._stages) - 1:
+            x = _run_head(self.head, x, cache)
+        return x
 
 
 def _middle(dim: int, dropout: float) -> nn.Sequential:
@@ -499,6 +556,8 @@ class WanVAE(nn.Module):
         self.conv1 = nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)
         self.conv2 = nn.Conv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
+        # Set by the backend at memory level >= 1: decode tiled (smartdiff.models.vae_tiling).
+        self.tiling: VAETiling | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -543,13 +602,15 @@ class WanVAE(nn.Module):
         return F.conv3d(moments, self.conv1.weight[:z], None if bias is None else bias[:z])
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiling: VAETiling | None = None) -> torch.Tensor:
         """Video ``[B, 3, 1 + r*(T-1), s*h, s*w]`` in [-1, 1] from raw ``latents [B, z, T, h, w]``.
 
         ``latents`` are raw (as diffusers' ``vae.decode`` takes them): the DiT's normalized
         latents go through :meth:`denormalize_latents` first. Decoded one latent frame at a time
-        with the causal cache; the output has the model's dtype and device.
+        with the causal cache; the output has the model's dtype and device. With ``tiling`` (or
+        :attr:`tiling` when ``None``) the decode is tiled (:mod:`smartdiff.models.vae_tiling`).
         """
+        tiling = self.tiling if tiling is None else tiling
         if latents.dim() != 5 or latents.shape[1] != self.config.z_dim:
             raise ValueError(
                 f"WanVAE.decode expects latents [B, {self.config.z_dim}, T, h, w], "
@@ -567,6 +628,10 @@ class WanVAE(nn.Module):
             dtype=self.dtype,
             device=self.device,
         )
+        if tiling is not None:
+            from smartdiff.models.vae_tiling import decode_tiled
+
+            return decode_tiled(self.decoder, x, video, scale=s, tiling=tiling)
         cache = CausalCache()
         written = 0
         for i in range(t):
