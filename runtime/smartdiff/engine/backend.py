@@ -40,7 +40,9 @@ from smartdiff.parallel.groups import ParallelGroups
 LOG = logging.getLogger(__name__)
 
 DTYPES: Final[dict[str, torch.dtype]] = {
-    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
 }
 
 
@@ -67,8 +69,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} is not allowed: no CUDA device is available "
-                         "(allowed: 'auto', 'cpu')")
+        raise ValueError(
+            f"device={name!r} is not allowed: no CUDA device is available (allowed: 'auto', 'cpu')"
+        )
     return device
 
 
@@ -77,12 +80,17 @@ def resolve_placement(system: SystemParams, device: torch.device | None = None) 
     overrides ``system.device`` (a parallel rank computes on its own ``cuda:<local_rank>``)."""
     device = device if device is not None else resolve_device(system.device)
     text_device = torch.device("cpu") if system.memory_level >= 2 else device
-    return Placement(device=device, dtype=DTYPES[system.dtype], text_encoder_device=text_device,
-                     memory_level=system.memory_level)
+    return Placement(
+        device=device,
+        dtype=DTYPES[system.dtype],
+        text_encoder_device=text_device,
+        memory_level=system.memory_level,
+    )
 
 
-def resolve_attention(name: str, placement: Placement | None = None,
-                      head_dim: int | None = None) -> AttentionFn | None:
+def resolve_attention(
+    name: str, placement: Placement | None = None, head_dim: int | None = None
+) -> AttentionFn | None:
     """The DiT's self-attention backend for ``name`` (:mod:`smartdiff.attention.registry`).
 
     With only a name, checks that the name exists (``ValueError`` listing the valid ones) and
@@ -94,8 +102,7 @@ def resolve_attention(name: str, placement: Placement | None = None,
     check_name(name)
     if placement is None or head_dim is None:
         return None
-    return select_attention(name, device=placement.device, dtype=placement.dtype,
-                            head_dim=head_dim)
+    return select_attention(name, device=placement.device, dtype=placement.dtype, head_dim=head_dim)
 
 
 class Backend:
@@ -111,9 +118,18 @@ class Backend:
             under a parallel launch; ``None`` for one process.
     """
 
-    def __init__(self, model: ModelConfig, placement: Placement, *, dit: WanDiT,
-                 vae: WanVAE | Wan22VAE, text_encoder: TextEncoder, load_seconds: float = 0.0,
-                 groups: ParallelGroups | None = None, dit_2: WanDiT | None = None) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        placement: Placement,
+        *,
+        dit: WanDiT,
+        vae: WanVAE | Wan22VAE,
+        text_encoder: TextEncoder,
+        load_seconds: float = 0.0,
+        groups: ParallelGroups | None = None,
+        dit_2: WanDiT | None = None,
+    ) -> None:
         self.model = model
         self.placement = placement
         self.dit = dit
@@ -148,8 +164,10 @@ class Backend:
             return self.dit
         if index == 1 and self.dit_2 is not None:
             return self.dit_2
-        raise ValueError(f"expert {index} is not allowed: model {self.model.name!r} has "
-                         f"{self.num_experts} expert(s)")
+        raise ValueError(
+            f"expert {index} is not allowed: model {self.model.name!r} has "
+            f"{self.num_experts} expert(s)"
+        )
 
     def expert_runner(self, index: int) -> WanDiT | ParallelDiT:
         """What the denoising loop calls for expert ``index`` (see :attr:`runner`)."""
@@ -182,9 +200,13 @@ class Backend:
         return self.placement.memory_level
 
     @classmethod
-    def from_params(cls, model: ModelConfig | str, system: SystemParams,
-                    weights_path: str | os.PathLike[str] | None = None,
-                    groups: ParallelGroups | None = None) -> Backend:
+    def from_params(
+        cls,
+        model: ModelConfig | str,
+        system: SystemParams,
+        weights_path: str | os.PathLike[str] | None = None,
+        groups: ParallelGroups | None = None,
+    ) -> Backend:
         """Build every component.
 
         Args:
@@ -232,10 +254,24 @@ class Backend:
                 dit_2.fuse_elementwise()
             torch.cuda.synchronize(placement.device)
         seconds = time.perf_counter() - start
-        LOG.info("loaded %s on %s (%s, memory level %d) in %.2f s", config.name,
-                 placement.device, placement.dtype, placement.memory_level, seconds)
-        return cls(config, placement, dit=dit, vae=vae, text_encoder=text_encoder,
-                   load_seconds=seconds, groups=groups, dit_2=dit_2)
+        LOG.info(
+            "loaded %s on %s (%s, memory level %d) in %.2f s",
+            config.name,
+            placement.device,
+            placement.dtype,
+            placement.memory_level,
+            seconds,
+        )
+        return cls(
+            config,
+            placement,
+            dit=dit,
+            vae=vae,
+            text_encoder=text_encoder,
+            load_seconds=seconds,
+            groups=groups,
+            dit_2=dit_2,
+        )
 
 
 Components = tuple[WanDiT, WanDiT | None, WanVAE | Wan22VAE, TextEncoder]
@@ -251,8 +287,9 @@ def _second_expert_device(placement: Placement) -> torch.device:
     return torch.device("cpu") if offload else placement.device
 
 
-def _random_components(config: ModelConfig, placement: Placement, attention: AttentionFn | None
-                       ) -> Components:
+def _random_components(
+    config: ModelConfig, placement: Placement, attention: AttentionFn | None
+) -> Components:
     """Seeded RANDOM weights (built on the CPU in fp32 with the modules' own initialization,
     then moved): the same seed gives the same weights on every device."""
     seed = config.random_seed
@@ -270,37 +307,63 @@ def _random_components(config: ModelConfig, placement: Placement, attention: Att
         dit_2 = dit_2.cast(placement.dtype).to(_second_expert_device(placement))
         dit_2 = dit_2.eval().requires_grad_(False)
     vae = vae.to(device=placement.device, dtype=placement.dtype).eval().requires_grad_(False)
-    text_encoder = TextEncoder.random(config.text_encoder, seed=seed + 2,
-                                      device=placement.text_encoder_device,
-                                      dtype=placement.dtype)
+    text_encoder = TextEncoder.random(
+        config.text_encoder,
+        seed=seed + 2,
+        device=placement.text_encoder_device,
+        dtype=placement.dtype,
+    )
     return dit, dit_2, vae, text_encoder
 
 
-def _load_components(config: ModelConfig, placement: Placement, attention: AttentionFn | None,
-                     weights: str | os.PathLike[str]) -> Components:
+def _load_components(
+    config: ModelConfig,
+    placement: Placement,
+    attention: AttentionFn | None,
+    weights: str | os.PathLike[str],
+) -> Components:
     """Load from a release folder (official Wan2.1 or diffusers layout) or a weights URI."""
     from smartdiff.io.release import check_release_architecture, detect_release
     from smartdiff.io.weights import resolve_weights_uri
 
     root = resolve_weights_uri(weights)
-    release = detect_release(root, subfolders=config.weights,
-                             tokenizer_required=config.text_encoder.tokenizer != "byte-level")
+    release = detect_release(
+        root,
+        subfolders=config.weights,
+        tokenizer_required=config.text_encoder.tokenizer != "byte-level",
+    )
     check_release_architecture(release, config)
     LOG.info("weights %s: %s layout", root, release.layout)
-    dit = WanDiT.from_checkpoint(release.dit, config.dit, device=placement.device,
-                                 dtype=placement.dtype, attention=attention)
+    dit = WanDiT.from_checkpoint(
+        release.dit, config.dit, device=placement.device, dtype=placement.dtype, attention=attention
+    )
     dit_2 = None
     if config.num_experts == 2:
-        dit_2 = WanDiT.from_checkpoint(_second_expert_weights(root, config), config.dit,
-                                       device=_second_expert_device(placement),
-                                       dtype=placement.dtype, attention=attention)
-    vae = _vae_class(config).from_checkpoint(release.vae, config.vae,  # type: ignore[arg-type]
-                                             device=placement.device, dtype=placement.dtype)
-    load_text_encoder = (TextEncoder.from_official_checkpoint if release.layout == "official"
-                         else TextEncoder.from_pretrained)
-    text_encoder = load_text_encoder(release.text_encoder, config.text_encoder,
-                                     tokenizer_path=release.tokenizer,
-                                     device=placement.text_encoder_device, dtype=placement.dtype)
+        dit_2 = WanDiT.from_checkpoint(
+            _second_expert_weights(root, config),
+            config.dit,
+            device=_second_expert_device(placement),
+            dtype=placement.dtype,
+            attention=attention,
+        )
+    vae = _vae_class(config).from_checkpoint(
+        release.vae,
+        config.vae,  # type: ignore[arg-type]
+        device=placement.device,
+        dtype=placement.dtype,
+    )
+    load_text_encoder = (
+        TextEncoder.from_official_checkpoint
+        if release.layout == "official"
+        else TextEncoder.from_pretrained
+    )
+    text_encoder = load_text_encoder(
+        release.text_encoder,
+        config.text_encoder,
+        tokenizer_path=release.tokenizer,
+        device=placement.text_encoder_device,
+        dtype=placement.dtype,
+    )
     return dit, dit_2, vae, text_encoder
 
 

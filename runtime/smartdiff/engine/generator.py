@@ -63,8 +63,10 @@ class GeneratorOptions:
 
     def __post_init__(self) -> None:
         if self.cfg_mode not in ("sequential", "batched"):
-            raise ValueError(f"GeneratorOptions.cfg_mode must be 'sequential' or 'batched', "
-                             f"got {self.cfg_mode!r}")
+            raise ValueError(
+                f"GeneratorOptions.cfg_mode must be 'sequential' or 'batched', "
+                f"got {self.cfg_mode!r}"
+            )
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
@@ -83,8 +85,7 @@ def to_uint8_frames(video: torch.Tensor, index: int = 0) -> np.ndarray:
     if video.ndim == 5:
         video = video[index]
     if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"video must be [B, 3, T, H, W] or [3, T, H, W], "
-                         f"got {tuple(video.shape)}")
+        raise ValueError(f"video must be [B, 3, T, H, W] or [3, T, H, W], got {tuple(video.shape)}")
     frames = ((video.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
     return frames.to(torch.uint8).permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
@@ -104,8 +105,9 @@ class Generator:
         (checked before every stage and step); exceptions of ``on_step`` propagate.
         """
         if task.status is not TaskStatus.RUNNING:
-            raise ValueError(f"task {task.id} is {task.status.value}; only a running task can "
-                             "be generated")
+            raise ValueError(
+                f"task {task.id} is {task.status.value}; only a running task can be generated"
+            )
         self.encode(task)
         self.denoise(task, on_step)
         return self.decode(task)
@@ -127,8 +129,9 @@ class Generator:
             if task.params.do_cfg:
                 prompts.append(task.params.negative_prompt)
             # A repeated prompt comes from the backend's cache, not the text encoder.
-            embeds = backend.prompt_cache.encode(backend.text_encoder, prompts,
-                                                 device=backend.device, dtype=backend.dtype)
+            embeds = backend.prompt_cache.encode(
+                backend.text_encoder, prompts, device=backend.device, dtype=backend.dtype
+            )
             task.buffers.prompt_embeds = embeds[:1]
             task.buffers.negative_embeds = embeds[1:] if task.params.do_cfg else None
 
@@ -155,7 +158,10 @@ class Generator:
 
         image = load_image(p.image, p.width, p.height)
         return FirstFrameCondition.from_image(
-            self.backend.vae, image, self.latent_shape(task), self.backend.model.dit.patch_size,
+            self.backend.vae,
+            image,
+            self.latent_shape(task),
+            self.backend.model.dit.patch_size,
             self.backend.device,
         )
 
@@ -199,8 +205,13 @@ class Generator:
                 if condition is not None:
                     model_input = condition.blend(latents)
                     timestep = condition.token_timesteps(timestep)
-                noise = self.predict_noise(model_input, timestep, task, expert=step.expert,
-                                           guidance_scale=step.guidance_scale)
+                noise = self.predict_noise(
+                    model_input,
+                    timestep,
+                    task,
+                    expert=step.expert,
+                    guidance_scale=step.guidance_scale,
+                )
                 latents = sampler.step(noise, latents, index)
                 if condition is not None and index + 1 == total:
                     latents = condition.blend(latents)
@@ -211,8 +222,15 @@ class Generator:
         if cache is not None:
             LOG.info("task %s: %s", task.id, cache.describe())
 
-    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, task: Task, *,
-                      expert: int = 0, guidance_scale: float | None = None) -> torch.Tensor:
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        task: Task,
+        *,
+        expert: int = 0,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
         """The guided velocity for ``latents [1, C, F, H, W]`` at ``timestep`` (0-d, or per
         token ``[1, S]``), fp32, from DiT ``expert`` with ``guidance_scale`` (default: the
         request's)."""
@@ -240,8 +258,7 @@ class Generator:
             return dit.forward(x, steps(x.shape[0]), cond).float()
         uncond: torch.Tensor = task.buffers.negative_embeds
         if self.options.cfg_mode == "batched":
-            both = dit.forward(torch.cat([x, x]), steps(2 * x.shape[0]),
-                               torch.cat([cond, uncond]))
+            both = dit.forward(torch.cat([x, x]), steps(2 * x.shape[0]), torch.cat([cond, uncond]))
             noise_cond, noise_uncond = both.float().chunk(2)
         else:
             noise_cond = dit.forward(x, steps(x.shape[0]), cond).float()

@@ -27,23 +27,32 @@ class RequestError(ValueError):
 def check_request(params: UserParams, model: ModelConfig) -> None:
     """Raise :class:`RequestError` if ``params`` cannot run on ``model``."""
     if params.model != model.name:
-        raise RequestError(f"model={params.model!r} is not allowed: this engine serves "
-                           f"{model.name!r}")
+        raise RequestError(
+            f"model={params.model!r} is not allowed: this engine serves {model.name!r}"
+        )
     multiple = model.size_multiple
     for name in ("width", "height"):
         value = getattr(params, name)
         if value % multiple:
-            raise RequestError(f"{name}={value} is not allowed: model {model.name!r} needs a "
-                               f"multiple of {multiple}")
+            raise RequestError(
+                f"{name}={value} is not allowed: model {model.name!r} needs a "
+                f"multiple of {multiple}"
+            )
     if (params.frames - 1) % model.frame_multiple:
-        raise RequestError(f"frames={params.frames} is not allowed: model {model.name!r} needs "
-                           f"{model.frame_multiple}n+1 frames")
+        raise RequestError(
+            f"frames={params.frames} is not allowed: model {model.name!r} needs "
+            f"{model.frame_multiple}n+1 frames"
+        )
     if params.image is not None and not model.image_to_video:
-        raise RequestError(f"image={params.image!r} is not allowed: model {model.name!r} is "
-                           "text-to-video only (image-to-video: the wan2.2-ti2v family)")
+        raise RequestError(
+            f"image={params.image!r} is not allowed: model {model.name!r} is "
+            "text-to-video only (image-to-video: the wan2.2-ti2v family)"
+        )
     if params.guidance_scale_2 is not None and model.num_experts < 2:
-        raise RequestError(f"guidance_scale_2={params.guidance_scale_2} is not allowed: model "
-                           f"{model.name!r} has one expert (two: the wan2.2-t2v-a14b family)")
+        raise RequestError(
+            f"guidance_scale_2={params.guidance_scale_2} is not allowed: model "
+            f"{model.name!r} has one expert (two: the wan2.2-t2v-a14b family)"
+        )
     if params.cache.policy not in SUPPORTED_CACHE_POLICIES:
         raise RequestError(
             f"cache.policy={params.cache.policy!r} is not allowed: this engine build supports "

@@ -81,8 +81,10 @@ _T5_BLOCK_NAMES: Final = (
     ("ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight"),
     ("ffn.fc2.weight", "layer.1.DenseReluDense.wo.weight"),
 )
-_T5_BLOCK_KEYS: Final = (re.compile(r"^blocks\.(\d+)\.(.+)$"),
-                         re.compile(r"^encoder\.block\.(\d+)\.(.+)$"))
+_T5_BLOCK_KEYS: Final = (
+    re.compile(r"^blocks\.(\d+)\.(.+)$"),
+    re.compile(r"^encoder\.block\.(\d+)\.(.+)$"),
+)
 _T5_BLOCK_PREFIXES: Final = ("blocks.{}.", "encoder.block.{}.")
 _TIED_EMBEDDING: Final = "encoder.embed_tokens.weight"
 
@@ -120,9 +122,17 @@ class TextEncoderConfig:
     tokenizer: TokenizerKind = "pretrained"
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "d_model", "d_ff", "d_kv", "num_layers", "num_heads",
-                    "relative_attention_num_buckets", "relative_attention_max_distance",
-                    "max_length")
+        positive = (
+            "vocab_size",
+            "d_model",
+            "d_ff",
+            "d_kv",
+            "num_layers",
+            "num_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+            "max_length",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -137,8 +147,9 @@ class TextEncoderConfig:
                 f"TextEncoderConfig.vocab_size ({self.vocab_size}) must be >= "
                 f"{byte_tokenizer_size()} (the byte-level tokenizer's size)"
             )
-        if not (isinstance(self.layer_norm_epsilon, float | int)
-                and 0 < self.layer_norm_epsilon < 1):
+        if not (
+            isinstance(self.layer_norm_epsilon, float | int) and 0 < self.layer_norm_epsilon < 1
+        ):
             raise ValueError(
                 f"TextEncoderConfig.layer_norm_epsilon must be in (0, 1), "
                 f"got {self.layer_norm_epsilon!r}"
@@ -149,13 +160,20 @@ class TextEncoderConfig:
         from transformers import UMT5Config
 
         return UMT5Config(
-            vocab_size=self.vocab_size, d_model=self.d_model, d_ff=self.d_ff, d_kv=self.d_kv,
-            num_layers=self.num_layers, num_heads=self.num_heads,
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            d_kv=self.d_kv,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
             relative_attention_num_buckets=self.relative_attention_num_buckets,
             relative_attention_max_distance=self.relative_attention_max_distance,
             feed_forward_proj=self.feed_forward_proj,
-            layer_norm_epsilon=float(self.layer_norm_epsilon), dropout_rate=0.0,
-            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            layer_norm_epsilon=float(self.layer_norm_epsilon),
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
         )
 
 
@@ -194,12 +212,17 @@ def build_byte_tokenizer(max_length: int = 512) -> PreTrainedTokenizerBase:
     backend.decoder = decoders.ByteLevel()
     eos_id = vocab[EOS_TOKEN]
     backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
+        single=f"$A {EOS_TOKEN}",
+        pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
         special_tokens=[(EOS_TOKEN, eos_id)],
     )
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=backend, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, unk_token=UNK_TOKEN,
-        model_max_length=max_length, padding_side="right",
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=max_length,
+        padding_side="right",
     )
 
 
@@ -212,8 +235,9 @@ class TextEncoder:
         config: the settings (``max_length`` is used here).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: UMT5EncoderModel,
-                 config: TextEncoderConfig) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, model: UMT5EncoderModel, config: TextEncoderConfig
+    ) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.config = config
@@ -226,16 +250,22 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> TextEncoder:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> TextEncoder:
         """Move the encoder (in place) and return ``self``."""
         nn.Module.to(self.model, device=device, dtype=dtype)
         return self
 
     @classmethod
-    def random(cls, config: TextEncoderConfig, *, seed: int = 0,
-               device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> TextEncoder:
+    def random(
+        cls,
+        config: TextEncoderConfig,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TextEncoder:
         """RANDOM weights (transformers' own initialization under ``seed``) and the byte-level
         tokenizer. The global torch RNG is left as it was."""
         from transformers import UMT5EncoderModel
@@ -253,11 +283,15 @@ class TextEncoder:
         return cls(build_byte_tokenizer(config.max_length), model, config)
 
     @classmethod
-    def from_pretrained(cls, model_path: str | os.PathLike[str],
-                        config: TextEncoderConfig, *,
-                        tokenizer_path: str | os.PathLike[str] | None = None,
-                        device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.bfloat16) -> TextEncoder:
+    def from_pretrained(
+        cls,
+        model_path: str | os.PathLike[str],
+        config: TextEncoderConfig,
+        *,
+        tokenizer_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> TextEncoder:
         """Load weights (and, for ``tokenizer: pretrained``, the tokenizer) from local folders.
 
         Args:
@@ -269,8 +303,9 @@ class TextEncoder:
         from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
         model_dir = _existing_dir(model_path, "text encoder weights")
-        _check_architecture(UMT5Config.from_pretrained(model_dir, local_files_only=True),
-                            config, model_dir)  # before reading gigabytes of weights
+        _check_architecture(
+            UMT5Config.from_pretrained(model_dir, local_files_only=True), config, model_dir
+        )  # before reading gigabytes of weights
         model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         nn.Module.train(model.requires_grad_(False), False)
         nn.Module.to(model, device=device)
@@ -282,11 +317,15 @@ class TextEncoder:
         return cls(tokenizer, model, config)
 
     @classmethod
-    def from_official_checkpoint(cls, checkpoint: str | os.PathLike[str],
-                                 config: TextEncoderConfig, *,
-                                 tokenizer_path: str | os.PathLike[str] | None = None,
-                                 device: str | torch.device = "cpu",
-                                 dtype: torch.dtype = torch.bfloat16) -> TextEncoder:
+    def from_official_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str],
+        config: TextEncoderConfig,
+        *,
+        tokenizer_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> TextEncoder:
         """Load the official Wan release's T5 encoder (``models_t5_umt5-xxl-enc-bf16.pth``).
 
         Args:
@@ -310,8 +349,9 @@ class TextEncoder:
             model = UMT5EncoderModel(config.to_transformers())
         keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
         for name, param in model.named_parameters():
-            fp32 = dtype in (torch.float16, torch.bfloat16) and bool(keep_fp32 & set(
-                name.split(".")))
+            fp32 = dtype in (torch.float16, torch.bfloat16) and bool(
+                keep_fp32 & set(name.split("."))
+            )
             param.data = param.data.to(torch.float32 if fp32 else dtype)
         load_strict(model, state_dict, source=str(path))
         model.encoder.embed_tokens.weight = model.shared.weight  # re-tie (one copy)
@@ -328,21 +368,31 @@ class TextEncoder:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(
-                _existing_dir(tokenizer_path, "tokenizer"), local_files_only=True)
+                _existing_dir(tokenizer_path, "tokenizer"), local_files_only=True
+            )
         return cls(tokenizer, model, config)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cleaned prompts -> ``(input_ids, attention_mask)``, both ``[B, max_length]`` int64."""
         batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts], padding="max_length",
-            max_length=self.config.max_length, truncation=True, add_special_tokens=True,
-            return_attention_mask=True, return_tensors="pt",
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=self.config.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
         )
         return batch["input_ids"], batch["attention_mask"]
 
     @torch.no_grad()
-    def encode(self, prompts: str | list[str], *, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        prompts: str | list[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """Prompts -> ``[B, max_length, d_model]`` embeddings, zero past each prompt's tokens.
 
         Args:
@@ -352,13 +402,17 @@ class TextEncoder:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         input_ids, mask = self.tokenize(prompts)
         lengths = mask.gt(0).sum(dim=1)
-        hidden = self.model(input_ids=input_ids.to(self.device),
-                            attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state
         hidden = hidden.to(device=device or hidden.device, dtype=dtype or hidden.dtype)
-        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] \
+        keep = (
+            torch.arange(hidden.shape[1], device=hidden.device)[None, :]
             < lengths.to(hidden.device)[:, None]
-        return torch.where(keep[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype,
-                                                                 device=hidden.device))
+        )
+        return torch.where(
+            keep[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        )
 
 
 def read_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -395,8 +449,7 @@ def _rename_t5(key: str, source: int) -> str:
     return key
 
 
-def official_t5_to_transformers(state_dict: Mapping[str, torch.Tensor]
-                                ) -> dict[str, torch.Tensor]:
+def official_t5_to_transformers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official Wan T5 encoder names -> ``UMT5EncoderModel`` names (table in the module
     docstring). The token embedding is given under both of its tied names. Keys that are
     already transformers names pass; unknown keys keep their names, for the strict loader to
@@ -407,12 +460,12 @@ def official_t5_to_transformers(state_dict: Mapping[str, torch.Tensor]
     return converted
 
 
-def transformers_t5_to_official(state_dict: Mapping[str, torch.Tensor]
-                                ) -> dict[str, torch.Tensor]:
+def transformers_t5_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``UMT5EncoderModel`` names -> official Wan T5 names (the inverse of
     :func:`official_t5_to_transformers`; the tied ``encoder.embed_tokens.weight`` is dropped)."""
-    return {_rename_t5(key, 1): tensor for key, tensor in state_dict.items()
-            if key != _TIED_EMBEDDING}
+    return {
+        _rename_t5(key, 1): tensor for key, tensor in state_dict.items() if key != _TIED_EMBEDDING
+    }
 
 
 def _existing_dir(path: str | os.PathLike[str], what: str) -> str:
@@ -424,9 +477,13 @@ def _existing_dir(path: str | os.PathLike[str], what: str) -> str:
 
 def _check_architecture(found: Any, expected: TextEncoderConfig, source: str) -> None:
     fields = ("d_model", "num_layers", "vocab_size", "num_heads", "d_kv")
-    wrong = {f: (getattr(found, f, None), getattr(expected, f)) for f in fields
-             if getattr(found, f, None) != getattr(expected, f)}
+    wrong = {
+        f: (getattr(found, f, None), getattr(expected, f))
+        for f in fields
+        if getattr(found, f, None) != getattr(expected, f)
+    }
     if wrong:
-        details = ", ".join(f"{f}: folder has {a!r}, model config expects {b!r}"
-                            for f, (a, b) in wrong.items())
+        details = ", ".join(
+            f"{f}: folder has {a!r}, model config expects {b!r}" for f, (a, b) in wrong.items()
+        )
         raise ValueError(f"text encoder in {source!r} does not match the model config ({details})")
