@@ -54,6 +54,39 @@ def _patched(patch: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def test_unset_gpus_mean_the_models_default() -> None:
+    """No default in the spec: the catalog's count (or 1) applies, the spec's count wins."""
+    spec = VideoGeneration.from_manifest(BASE).spec
+    assert spec.resources.gpus is None
+    assert "gpus" not in VideoGeneration.from_manifest(BASE).to_manifest()["spec"]["resources"]
+    assert spec.resolved_gpus() == 1 and spec.resolved_gpus(4) == 4
+    assert spec.plan_topology(num_heads=40) == Topology(1, 1, 1, 1, 1)
+    assert spec.plan_topology(num_heads=40, default_gpus=4) == Topology(1, 4, 2, 2, 1)
+    two = VideoGeneration.from_manifest(_patched({"spec": {"resources": {"gpus": 2}}})).spec
+    assert two.plan_topology(num_heads=40, default_gpus=4) == Topology(1, 2, 2, 1, 1)
+    # Explicit degrees without a count are checked against the resolved count, not here.
+    explicit = {"parallelism": {"mode": "explicit", "cfg": 2, "ulysses": 2}}
+    spec = VideoGeneration.from_manifest(_patched({"spec": explicit})).spec
+    assert spec.plan_topology(num_heads=40, default_gpus=4) == Topology(1, 4, 2, 2, 1)
+    with pytest.raises(ValueError, match="does not match gpus=1"):
+        spec.plan_topology(num_heads=40)
+    # gpusPerNode alone is fine; the resolved count is checked against it when planned.
+    per_node = _patched({"spec": {"resources": {"gpusPerNode": 8}}})
+    assert VideoGeneration.from_manifest(per_node).spec.resources.gpus is None
+
+
+def test_tokens_follow_the_vae_compression() -> None:
+    video = {"width": 1280, "height": 704, "frames": 121}
+    spec = VideoGeneration.from_manifest(_patched({"spec": {"video": video}})).spec
+    assert spec.tokens == 4 * spec.tokens_for(16) == 4 * 27280
+    # 64x64x1: 16 tokens at 8x, 4 at 16x; 16 GPUs are 8 context ranks (CFG 2 x 8).
+    small = {"width": 64, "height": 64, "frames": 1}
+    spec = VideoGeneration.from_manifest(_patched({"spec": {"video": small}})).spec
+    assert spec.plan_topology(num_heads=2, default_gpus=16).world_size == 16
+    with pytest.raises(ValueError, match="too many for tokens=4"):
+        spec.plan_topology(num_heads=2, default_gpus=16, spatial_compression=16)
+
+
 def test_example_manifest_loads_and_converts() -> None:
     video = VideoGeneration.from_yaml_file(EXAMPLE)
     assert video.name == "cat-surfing" and video.namespace == "default"
@@ -116,8 +149,8 @@ def test_full_spec_round_trips_through_json_names() -> None:
     video = VideoGeneration.from_manifest(manifest)
     assert VideoGeneration.from_manifest(video.to_manifest()) == video
     spec = video.spec
-    assert spec.sampling.guidance_scale == 6.0 and spec.resources.nodes == 2
-    assert spec.resources.gpus_per_pod == 8
+    assert spec.sampling.guidance_scale == 6.0 and spec.resources.nodes(16) == 2
+    assert spec.resources.gpus_per_pod(16) == 8
     topology = spec.plan_topology(num_heads=40)
     assert topology == Topology(2, 8, 2, 4, 2)
     system = spec.to_system_params(topology, device="cuda:1")

@@ -90,6 +90,14 @@ def test_examples_show_what_their_comments_say(chart_settings: OperatorSettings)
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
 
+    # No resources.gpus: the chart catalog's defaultGpus for TI2V-5B (1).
+    ti2v = VideoGeneration.from_manifest(load(EXAMPLES / "wan22-ti2v.yaml"))
+    assert ti2v.spec.resources.gpus is None
+    job, _ = job_of(EXAMPLES / "wan22-ti2v.yaml", chart_settings)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "SMARTDIFF_GPUS", "value": "1"} in container["env"]
+
     teacache = VideoGeneration.from_manifest(load(EXAMPLES / "teacache.yaml"))
     assert teacache.spec.acceleration.cache.policy == "teacache"
 

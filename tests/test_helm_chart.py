@@ -46,6 +46,7 @@ from conftest import Kubectl, S3Server
 from smartdiff.api import checks
 from smartdiff_operator import names, rbac
 from smartdiff_operator.settings import (
+    SPATIAL_COMPRESSIONS,
     ModelCatalog,
     ModelEntry,
     ObservabilitySettings,
@@ -123,7 +124,13 @@ def non_default_values(namespaces: tuple[str, str] = ("videos-a", "videos-b")) -
             },
         },
         "models": [
-            {"name": "wan2.1-t2v-14b", "numHeads": 40, "weights": "pvc://wan-weights/14b/"},
+            {
+                "name": "wan2.1-t2v-14b",
+                "numHeads": 40,
+                "weights": "pvc://wan-weights/14b/",
+                "defaultGpus": 8,
+            },
+            {"name": "wan2.2-ti2v-5b", "numHeads": 24, "defaultGpus": 2, "spatialCompression": 16},
             {"name": "wan-tiny-random", "numHeads": 2},
         ],
         "metrics": {
@@ -270,6 +277,17 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("heads", {"models": [{"name": "m", "numHeads": 0}]}, "/models/0/numHeads"),
     ("weights URI", {"models": [{"name": "m", "numHeads": 2, "weights": "http://x"}]}, "weights"),
     ("unknown model key", {"models": [{"name": "m", "numHeads": 2, "heads": 2}]}, "heads"),
+    ("default gpus 0", {"models": [{"name": "m", "numHeads": 2, "defaultGpus": 0}]}, "defaultGpus"),
+    (
+        "default gpus text",
+        {"models": [{"name": "m", "numHeads": 2, "defaultGpus": "four"}]},
+        "/models/0/defaultGpus",
+    ),
+    (
+        "spatial compression",
+        {"models": [{"name": "m", "numHeads": 2, "spatialCompression": 12}]},
+        "/models/0/spatialCompression",
+    ),
     ("model name twice", {"models": [{"name": "m", "numHeads": 2}] * 2}, '"m" is given twice'),
     ("scrape interval", {"metrics": {"podMonitor": {"interval": "30"}}}, "interval"),
     (
@@ -294,6 +312,8 @@ def test_schema_patterns_are_the_api_checks() -> None:
     model = SCHEMA["properties"]["models"]["items"]["properties"]
     assert model["name"]["pattern"] == checks.MODEL_NAME_PATTERN
     assert model["weights"]["pattern"] == checks.WEIGHTS_URI_PATTERN
+    assert model["defaultGpus"]["maximum"] == checks.MAX_GPUS
+    assert tuple(model["spatialCompression"]["enum"]) == SPATIAL_COMPRESSIONS
     assert SCHEMA["definitions"]["quantity"]["pattern"] == checks.QUANTITY_PATTERN
     assert SCHEMA["definitions"]["k8sName"]["pattern"] == checks.K8S_NAME_PATTERN
 
@@ -324,9 +344,18 @@ def test_rendered_environment_becomes_the_intended_operator_settings(tmp_path: P
     assert default == OperatorSettings(
         runtime=RuntimeSettings(image=f"ghcr.io/smart-diffusion/runtime:{APP_VERSION}"),
         models=ModelCatalog(
-            (ModelEntry("wan2.1-t2v-1.3b", num_heads=12), ModelEntry("wan2.1-t2v-14b", 40))
+            (
+                ModelEntry("wan2.1-t2v-1.3b", num_heads=12, default_gpus=1),
+                ModelEntry("wan2.1-t2v-14b", 40, default_gpus=4),
+                ModelEntry("wan2.2-t2v-a14b", 40, default_gpus=4),
+                ModelEntry("wan2.2-ti2v-5b", 24, default_gpus=1, spatial_compression=16),
+            )
         ),
     )
+    # The chart's default catalog says what the operator's built-in one says.
+    builtin = {entry.name: entry for entry in ModelCatalog().models}
+    for entry in default.models.models:
+        assert builtin[entry.name] == entry, entry
     custom = OperatorSettings.from_env(operator_env(render(tmp_path, non_default_values())))
     assert custom == OperatorSettings(
         runtime=RuntimeSettings(
@@ -341,7 +370,8 @@ def test_rendered_environment_becomes_the_intended_operator_settings(tmp_path: P
         ),
         models=ModelCatalog(
             (
-                ModelEntry("wan2.1-t2v-14b", 40, "pvc://wan-weights/14b/"),
+                ModelEntry("wan2.1-t2v-14b", 40, "pvc://wan-weights/14b/", default_gpus=8),
+                ModelEntry("wan2.2-ti2v-5b", 24, default_gpus=2, spatial_compression=16),
                 ModelEntry("wan-tiny-random", 2),
             )
         ),

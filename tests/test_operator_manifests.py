@@ -16,8 +16,9 @@ import pytest
 
 from operator_support import make_generation
 from smartdiff import worker
+from smartdiff.api.topology import Topology
 from smartdiff_operator import manifests, names, rbac
-from smartdiff_operator.plan import SpecError, parse
+from smartdiff_operator.plan import SpecError, parse, plan
 from smartdiff_operator.settings import (
     ModelCatalog,
     ModelEntry,
@@ -108,8 +109,87 @@ def test_worker_environment_comes_from_the_downward_api_and_the_secret() -> None
     # The operator and the worker agree on every variable name.
     for constant in ("ENV_NAME", "ENV_NAMESPACE", "ENV_UID", "ENV_POD", "ENV_NODE",
                      "ENV_OUTPUT_DIR", "ENV_WEIGHTS_URI", "ENV_WEIGHTS_ROOT",
-                     "ENV_PROGRESS_INTERVAL", "ENV_S3_ENDPOINT", "ENV_S3_REGION"):  # fmt: skip
+                     "ENV_PROGRESS_INTERVAL", "ENV_S3_ENDPOINT", "ENV_S3_REGION",
+                     "ENV_GPUS"):  # fmt: skip
         assert getattr(manifests, constant) == getattr(worker, constant), constant
+
+
+def job_gpus(job: dict[str, Any]) -> tuple[str, str, str]:
+    """(torchrun --nproc-per-node, the GPU limit, SMARTDIFF_GPUS) of a one-pod Job."""
+    container = container_of(job)
+    command = container["command"]
+    per_node = command[command.index("--nproc-per-node") + 1]
+    return (
+        per_node,
+        container["resources"]["limits"]["nvidia.com/gpu"],
+        env_of(job)[manifests.ENV_GPUS]["value"],
+    )
+
+
+def test_a_spec_without_gpus_gets_the_catalogs_default() -> None:
+    model = {"name": "wan2.1-t2v-14b"}
+    catalog = OperatorSettings(
+        models=ModelCatalog((ModelEntry("wan2.1-t2v-14b", num_heads=40, default_gpus=4),))
+    )
+    vg = make_generation(model=model)
+    assert vg.spec.resources.gpus is None
+    objects = manifests.desired_objects(vg, catalog)
+    job = by_kind(objects)["Job"]
+    assert job_gpus(job) == ("4", "4", "4")
+    assert job["spec"]["completions"] == 1 and "Service" not in by_kind(objects)
+    assert plan(vg, catalog.models).topology == Topology(1, 4, 2, 2, 1)
+    # The spec's own count wins over the default.
+    two = by_kind(manifests.desired_objects(make_generation(model=model, resources={"gpus": 2}),
+                                            catalog))["Job"]  # fmt: skip
+    assert job_gpus(two) == ("2", "2", "2")
+    # No defaultGpus: one GPU.
+    plain = OperatorSettings(models=ModelCatalog((ModelEntry("wan2.1-t2v-14b", num_heads=40),)))
+    assert job_gpus(by_kind(manifests.desired_objects(vg, plain))["Job"]) == ("1", "1", "1")
+    # A default beyond one node spans nodes like an explicit count.
+    wide = OperatorSettings(
+        models=ModelCatalog((ModelEntry("wan2.1-t2v-14b", num_heads=40, default_gpus=16),))
+    )
+    spread = make_generation(model=model, resources={"gpusPerNode": 8})
+    wide_objects = by_kind(manifests.desired_objects(spread, wide))
+    assert wide_objects["Job"]["spec"]["completions"] == 2 and "Service" in wide_objects
+    assert env_of(wide_objects["Job"])[manifests.ENV_GPUS]["value"] == "16"
+
+
+def test_default_catalog_serves_wan22_with_default_gpus() -> None:
+    catalog = SETTINGS.models
+    expected = {
+        "wan2.1-t2v-1.3b": (12, 1),
+        "wan2.1-t2v-14b": (40, 4),
+        "wan2.2-t2v-a14b": (40, 4),
+        "wan2.2-ti2v-5b": (24, 1),
+    }
+    for name, (heads, gpus) in expected.items():
+        entry = catalog.get(name)
+        assert entry is not None and (entry.num_heads, entry.default_gpus) == (heads, gpus)
+    ti2v = catalog.get("wan2.2-ti2v-5b")
+    assert ti2v is not None and ti2v.spatial_compression == 16
+    vg = make_generation(model={"name": "wan2.2-t2v-a14b"})
+    assert job_gpus(by_kind(manifests.desired_objects(vg, SETTINGS))["Job"])[0] == "4"
+    # TI2V-5B's 16x VAE: 64x64x1 is 4 tokens, too few for 16 GPUs (8 context ranks).
+    small = {"width": 64, "height": 64, "frames": 1}
+    for name, ok in (("wan2.1-t2v-1.3b", True), ("wan2.2-ti2v-5b", False)):
+        vg = make_generation(model={"name": name}, video=small, resources={"gpus": 16})
+        if ok:
+            assert manifests.desired_objects(vg, SETTINGS)
+        else:
+            with pytest.raises(SpecError, match="tokens=4") as err:
+                manifests.desired_objects(vg, SETTINGS)
+            assert err.value.reason == "ImpossibleTopology"
+
+
+def test_an_impossible_default_names_the_models_default() -> None:
+    catalog = OperatorSettings(
+        models=ModelCatalog((ModelEntry("wan2.1-t2v-14b", num_heads=40, default_gpus=12),))
+    )
+    vg = make_generation(model={"name": "wan2.1-t2v-14b"}, resources={"gpusPerNode": 8})
+    with pytest.raises(SpecError, match=r"12 GPUs \(resources.gpus unset") as err:
+        manifests.desired_objects(vg, catalog)
+    assert err.value.reason == "ImpossibleTopology"
 
 
 def test_four_gpus_on_one_node_plan_cfg_and_ulysses() -> None:
@@ -303,20 +383,36 @@ def test_settings_from_env_and_their_errors() -> None:
         {
             "SMARTDIFF_RUNTIME_IMAGE": "registry.local/runtime:1",
             "SMARTDIFF_RUNTIME_NODE_SELECTOR": "pool=gpu,zone=a",
-            "SMARTDIFF_MODELS": '[{"name": "m1", "numHeads": 4, "weights": "pvc://w/m1"}]',
+            "SMARTDIFF_MODELS": '[{"name": "m1", "numHeads": 4, "weights": "pvc://w/m1"},'
+            ' {"name": "m2", "numHeads": 24, "defaultGpus": 2, "spatialCompression": 16}]',
             "SMARTDIFF_METRICS_PORT": "9100",
             "SMARTDIFF_NAMESPACES": "a, b",
         }
     )
     assert settings.runtime.image == "registry.local/runtime:1"
     assert settings.runtime.node_selector == (("pool", "gpu"), ("zone", "a"))
-    assert settings.models.names == ("m1",)
+    assert settings.models.models == (
+        ModelEntry("m1", 4, "pvc://w/m1"),
+        ModelEntry("m2", 24, default_gpus=2, spatial_compression=16),
+    )
     assert settings.observability.metrics_port == 9100
     assert settings.namespaces == ("a", "b")
     for env, message in (
         ({"SMARTDIFF_METRICS_PORT": "lots"}, "SMARTDIFF_METRICS_PORT='lots' is not allowed"),
         ({"SMARTDIFF_RUNTIME_SHM_SIZE": "big"}, "runtime.shmSize='big' is not allowed"),
         ({"SMARTDIFF_MODELS": "[1]"}, "SMARTDIFF_MODELS=1 is not allowed"),
+        (
+            {"SMARTDIFF_MODELS": '[{"name": "m", "numHeads": 2, "defaultGpus": 0}]'},
+            r"models\[m\].defaultGpus=0 is not allowed",
+        ),
+        (
+            {"SMARTDIFF_MODELS": '[{"name": "m", "numHeads": 2, "spatialCompression": 12}]'},
+            r"models\[m\].spatialCompression=12 is not allowed: one of 8, 16",
+        ),
+        (
+            {"SMARTDIFF_MODELS": '[{"name": "m", "numHeads": 2, "gpus": 2}]'},
+            "defaultGpus",
+        ),
         ({"SMARTDIFF_RUNTIME_IMAGE_PULL_POLICY": "Sometimes"}, "IMAGE_PULL_POLICY='Sometimes'"),
     ):
         with pytest.raises(SettingsError, match=message):

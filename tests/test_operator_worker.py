@@ -148,3 +148,36 @@ def test_without_api_access_the_worker_exits_with_a_reason(tmp_path: Path) -> No
     report = json.loads(termination.read_text())
     assert report["reason"] == "ApiUnavailable"
     assert "videos/cat-surfing" in report["message"]
+
+
+def test_the_worker_plans_with_the_gpu_count_the_operator_resolved() -> None:
+    """A spec without resources.gpus: the worker takes the operator's count, not 1."""
+    from smartdiff_operator import manifests
+    from smartdiff_operator.settings import ModelCatalog, ModelEntry, OperatorSettings
+
+    settings = OperatorSettings(
+        models=ModelCatalog((ModelEntry("wan-tiny-random", num_heads=2, default_gpus=2),))
+    )
+    vg = make_generation(
+        model={"name": "wan-tiny-random"}, video={"width": 64, "height": 64, "frames": 5}
+    )
+    assert vg.spec.resources.gpus is None
+    job = next(o for o in manifests.desired_objects(vg, settings) if o["kind"] == "Job")
+    env = {
+        e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env[worker.ENV_GPUS] == "2"
+    base = {"SMARTDIFF_VG_NAME": vg.name, "SMARTDIFF_VG_NAMESPACE": vg.namespace}
+    config = worker.WorkerConfig.from_env(
+        {**base, worker.ENV_GPUS: "2", "RANK": "0", "WORLD_SIZE": "2", "SMARTDIFF_DEVICE": "cpu"}
+    )
+    assert config.gpus == 2
+    _, _, system, _ = worker._request(vg.to_manifest(), config)
+    assert (system.cfg, system.ulysses, system.ring) == (2, 1, 1)
+    # Without the operator's count the spec plans one rank, and torchrun's two disagree.
+    alone = worker.WorkerConfig.from_env({**base, "WORLD_SIZE": "2", "SMARTDIFF_DEVICE": "cpu"})
+    with pytest.raises(worker.WorkerFailure, match="plans 1 ranks") as err:
+        worker._request(vg.to_manifest(), alone)
+    assert err.value.reason == "InvalidRequest"
+    with pytest.raises(worker.WorkerFailure, match="SMARTDIFF_GPUS='many'"):
+        worker.WorkerConfig.from_env({**base, worker.ENV_GPUS: "many"})

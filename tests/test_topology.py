@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from smartdiff.api.topology import ParallelDegrees, Topology, plan_topology, video_tokens
+from smartdiff.api.topology import (
+    ParallelDegrees,
+    Topology,
+    plan_topology,
+    resolve_gpus,
+    video_tokens,
+)
 
 TOKENS_480P = 32760  # 832x480x81 through the Wan VAE and 1x2x2 patches
 TOKENS_720P = 75600  # 1280x720x81
@@ -16,6 +22,39 @@ def test_video_tokens_match_wan() -> None:
     assert video_tokens(width=832, height=480, frames=81) == TOKENS_480P
     assert video_tokens(width=1280, height=720, frames=81) == TOKENS_720P
     assert video_tokens(width=16, height=16, frames=1) == 1
+
+
+def test_video_tokens_of_the_wan22_vae() -> None:
+    # Wan2.2 TI2V-5B at its official 1280x704x121: 31 latent frames of 44x80 latents
+    # (16x VAE), 2x2 patches -> 31 x 22 x 40 tokens; a quarter of the 8x count.
+    assert video_tokens(width=1280, height=704, frames=121, spatial_compression=16) == 27280
+    assert video_tokens(width=1280, height=704, frames=121) == 4 * 27280
+
+
+# (spec.resources.gpus, catalog defaultGpus) -> GPUs the run uses
+GPU_RESOLUTION = [
+    ((2, 4), 2),  # the spec's count wins
+    ((1, 4), 1),  # even when it is smaller than the default
+    ((None, 4), 4),  # unset: the model's default
+    ((None, None), 1),  # neither: one GPU
+    ((8, None), 8),
+]
+
+
+@pytest.mark.parametrize(("given", "gpus"), GPU_RESOLUTION, ids=[str(g) for g, _ in GPU_RESOLUTION])
+def test_resolve_gpus(given: tuple[int | None, int | None], gpus: int) -> None:
+    assert resolve_gpus(*given) == gpus
+
+
+@pytest.mark.parametrize(
+    ("given", "fragment"),
+    [((0, None), "resources.gpus=0"), ((None, 0), "defaultGpus=0"), ((None, 5000), "5000")],
+)
+def test_resolve_gpus_rejects_bad_counts(
+    given: tuple[int | None, int | None], fragment: str
+) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        resolve_gpus(*given)
 
 
 # (gpus, gpus_per_node, heads, do_cfg) -> (nodes, per_node, cfg, ulysses, ring)

@@ -48,6 +48,8 @@ ENV_WEIGHTS_ROOT: Final = "SMARTDIFF_WEIGHTS_ROOT"
 ENV_PROGRESS_INTERVAL: Final = "SMARTDIFF_PROGRESS_INTERVAL_SECONDS"
 ENV_S3_ENDPOINT: Final = "SMARTDIFF_S3_ENDPOINT"
 ENV_S3_REGION: Final = "SMARTDIFF_S3_REGION"
+# The GPU count the plan resolved (spec.resources.gpus, else the catalog's defaultGpus).
+ENV_GPUS: Final = "SMARTDIFF_GPUS"
 # Keys read from the credentials Secret: (key, required).
 SECRET_KEYS: Final = (
     ("AWS_ACCESS_KEY_ID", True),
@@ -230,6 +232,7 @@ def _env(generation_plan: GenerationPlan, settings: OperatorSettings) -> list[di
         {"name": ENV_POD, "valueFrom": field_ref("metadata.name")},
         {"name": ENV_NODE, "valueFrom": field_ref("spec.nodeName")},
         {"name": ENV_OUTPUT_DIR, "value": settings.runtime.output_dir},
+        {"name": ENV_GPUS, "value": str(generation_plan.topology.gpus)},
         {
             "name": ENV_PROGRESS_INTERVAL,
             "value": f"{settings.runtime.progress_interval_seconds:g}",

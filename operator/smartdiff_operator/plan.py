@@ -3,8 +3,10 @@
 Role: the checks the API server cannot do, before anything is created: the
 manifest parses with the API models (a defence against an older CRD), the model
 is one the platform serves, and the GPUs can be split for that model and video
-(the shared, torch-free topology planner). The result is a ``GenerationPlan``
-(topology, model entry, effective weights URI) or a ``SpecError`` whose reason
+(the shared, torch-free topology planner). The GPU count is resolved here, once:
+``spec.resources.gpus``, else the catalog's ``defaultGpus`` for the model, else 1
+(``smartdiff.api.topology.resolve_gpus``); the Job hands it to the pods. The result is
+a ``GenerationPlan`` (topology, model entry, effective weights URI) or a ``SpecError`` whose reason
 becomes the ``Failed`` condition's reason and whose message names the field.
 
 Talks to: ``smartdiff.api`` (models, planner) and ``settings`` (model catalog). Pure.
@@ -79,12 +81,22 @@ def plan(generation: VideoGeneration, catalog: ModelCatalog) -> GenerationPlan:
             f"{', '.join(repr(name) for name in catalog.names)}",
         )
     try:
-        topology = spec.plan_topology(model.num_heads, uneven_heads=False)
+        topology = spec.plan_topology(
+            model.num_heads,
+            default_gpus=model.default_gpus,
+            spatial_compression=model.spatial_compression,
+            uneven_heads=False,
+        )
     except ValueError as error:
         field = "spec.parallelism" if spec.parallelism.mode == "explicit" else "spec.resources.gpus"
+        if spec.resources.gpus is not None:
+            gpus = f"resources.gpus={spec.resources.gpus}"
+        else:
+            gpus = f"{spec.resolved_gpus(model.default_gpus)} GPUs (resources.gpus unset: the "
+            gpus += "model's default)"
         raise SpecError(
             REASON_TOPOLOGY,
-            f"{field}: resources.gpus={spec.resources.gpus} cannot run model "
+            f"{field}: {gpus} cannot run model "
             f"{model.name!r} ({model.num_heads} heads) at {spec.video.width}x"
             f"{spec.video.height}x{spec.video.frames}: {error}",
         ) from None

@@ -9,7 +9,7 @@ a default that works on a local cluster. Each value is checked on construction a
 an error names the field (or the environment variable), the bad value and what is
 allowed.
 
-Talks to: nothing (stdlib and ``smartdiff.api.checks`` only). Read by
+Talks to: nothing (stdlib, ``smartdiff.api.checks`` and ``topology`` constants). Read by
 ``manifests`` (pod shape), ``handlers`` (catalog, timing) and ``__main__``.
 """
 
@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from smartdiff.api import checks
+from smartdiff.api.topology import WAN22_SPATIAL_COMPRESSION, WAN_SPATIAL_COMPRESSION
 
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+SPATIAL_COMPRESSIONS: Final = (WAN_SPATIAL_COMPRESSION, WAN22_SPATIAL_COMPRESSION)
 PULL_POLICIES: Final = ("Always", "IfNotPresent", "Never")
 _QUANTITY = re.compile(checks.QUANTITY_PATTERN)
 _K8S_NAME = re.compile(checks.K8S_NAME_PATTERN)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_MODEL_KEYS: Final = ("name", "numHeads", "weights", "defaultGpus", "spatialCompression")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -47,11 +50,17 @@ class ModelEntry:
         name: model config name as in ``spec.model.name`` (``wan2.1-t2v-1.3b``).
         num_heads: attention heads of its transformer (the topology planner splits them).
         weights: default weights URI when a manifest leaves ``spec.model.weights`` unset.
+        default_gpus: GPUs a generation gets when its manifest leaves
+            ``spec.resources.gpus`` unset; None means 1.
+        spatial_compression: the VAE's spatial compression, for the sequence length the
+            planner checks (8: Wan2.1 VAE; 16: the Wan2.2 VAE of TI2V-5B).
     """
 
     name: str
     num_heads: int
     weights: str | None = None
+    default_gpus: int | None = None
+    spatial_compression: int = WAN_SPATIAL_COMPRESSION
 
     def __post_init__(self) -> None:
         if not re.match(checks.MODEL_NAME_PATTERN, self.name):
@@ -62,11 +71,37 @@ class ModelEntry:
             raise _fail(
                 f"models[{self.name}].weights", self.weights, "an s3://, pvc:// or file:/// URI"
             )
+        if self.default_gpus is not None and (
+            not isinstance(self.default_gpus, int)
+            or isinstance(self.default_gpus, bool)
+            or not 1 <= self.default_gpus <= checks.MAX_GPUS
+        ):
+            raise _fail(
+                f"models[{self.name}].defaultGpus",
+                self.default_gpus,
+                f"an integer in [1, {checks.MAX_GPUS}] (or unset: 1 GPU)",
+            )
+        if self.spatial_compression not in SPATIAL_COMPRESSIONS:
+            raise _fail(
+                f"models[{self.name}].spatialCompression",
+                self.spatial_compression,
+                f"one of {', '.join(map(str, SPATIAL_COMPRESSIONS))}",
+            )
 
 
+# Default GPU counts: the 1.3B and TI2V-5B models fit one H200 at their official sizes;
+# the 14B and A14B transformers (40 heads) run on 4 (CFG 2 x Ulysses 2), where one 14B
+# forward at 720p takes ~3.3 s instead of ~12 s on one GPU.
 DEFAULT_MODELS: Final = (
-    ModelEntry("wan2.1-t2v-1.3b", num_heads=12),
-    ModelEntry("wan2.1-t2v-14b", num_heads=40),
+    ModelEntry("wan2.1-t2v-1.3b", num_heads=12, default_gpus=1),
+    ModelEntry("wan2.1-t2v-14b", num_heads=40, default_gpus=4),
+    ModelEntry("wan2.2-t2v-a14b", num_heads=40, default_gpus=4),
+    ModelEntry(
+        "wan2.2-ti2v-5b",
+        num_heads=24,
+        default_gpus=1,
+        spatial_compression=WAN22_SPATIAL_COMPRESSION,
+    ),
     ModelEntry("wan-tiny-random", num_heads=2),
 )
 
@@ -387,7 +422,8 @@ class _EnvReader:
         return tuple(result)
 
     def models(self, name: str) -> ModelCatalog:
-        """A JSON list of ``{"name", "numHeads", "weights"}`` objects."""
+        """A JSON list of ``{"name", "numHeads", "weights", "defaultGpus",
+        "spatialCompression"}`` objects (the last three optional)."""
         value = self.env.get(name)
         if not value:
             return ModelCatalog()
@@ -399,13 +435,15 @@ class _EnvReader:
             raise _fail(name, value[:80], 'a JSON list such as [{"name": ..., "numHeads": 12}]')
         entries = []
         for item in raw:
-            if not isinstance(item, dict) or set(item) - {"name", "numHeads", "weights"}:
-                raise _fail(name, item, 'objects with keys "name", "numHeads", "weights"')
+            if not isinstance(item, dict) or set(item) - set(_MODEL_KEYS):
+                raise _fail(name, item, f"objects with keys {', '.join(map(repr, _MODEL_KEYS))}")
             entries.append(
                 ModelEntry(
                     name=str(item.get("name", "")),
                     num_heads=item.get("numHeads", 0),
                     weights=item.get("weights"),
+                    default_gpus=item.get("defaultGpus"),
+                    spatial_compression=item.get("spatialCompression", WAN_SPATIAL_COMPRESSION),
                 )
             )
         return ModelCatalog(tuple(entries))

@@ -397,7 +397,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     }
     origin = {**SPEC_PATH_OF, **{k: FLAG_OF[k] for k in _given(args, SYSTEM_FLAGS)}}
     system = _system_params(args, base=base, random_weights=model.random_weights, origin=origin)
-    if spec.resources.gpus > 1:
+    if spec.resources.gpus is not None and spec.resources.gpus > 1:
         LOG.warning(
             "spec.resources.gpus=%d: the local CLI runs one process on one device",
             spec.resources.gpus,

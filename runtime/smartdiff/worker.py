@@ -7,7 +7,9 @@ Role: run the ``VideoGeneration`` this pod was created for and report back.
    read that one object and patch its status -- nothing else. Other ranks get
    the manifest from rank 0 (only rank 0 talks to the API server).
 2. The spec becomes the engine's ``UserParams`` and ``SystemParams`` (the same
-   topology planner as the operator's); the engine generates the video.
+   topology planner as the operator's, with the GPU count the operator resolved:
+   ``SMARTDIFF_GPUS`` when the spec leaves ``resources.gpus`` unset); the engine
+   generates the video.
 3. Rank 0 patches ``status.progress`` while denoising (at most once per
    ``SMARTDIFF_PROGRESS_INTERVAL_SECONDS``, and always the last step), encodes
    the MP4, uploads it to S3 (retried), then writes ``status.output``,
@@ -59,6 +61,7 @@ ENV_WEIGHTS_ROOT: Final = "SMARTDIFF_WEIGHTS_ROOT"
 ENV_PROGRESS_INTERVAL: Final = "SMARTDIFF_PROGRESS_INTERVAL_SECONDS"
 ENV_S3_ENDPOINT: Final = "SMARTDIFF_S3_ENDPOINT"
 ENV_S3_REGION: Final = "SMARTDIFF_S3_REGION"
+ENV_GPUS: Final = "SMARTDIFF_GPUS"
 # Optional, for runs outside a pod and for tests.
 ENV_KUBECONFIG: Final = "SMARTDIFF_KUBECONFIG"
 ENV_KUBE_SERVER: Final = "SMARTDIFF_KUBE_SERVER"
@@ -105,6 +108,8 @@ class WorkerConfig:
             ``AWS_ENDPOINT_URL``, ``AWS_REGION``), else the platform's defaults.
         upload_attempts / upload_backoff: retries of the upload.
         rank / world_size: this process's rank among ``world_size`` (torchrun).
+        gpus: the GPU count the operator resolved for the run (``SMARTDIFF_GPUS``: the
+            spec's, else the model catalog's default); None outside the operator's pods.
     """
 
     name: str
@@ -126,6 +131,7 @@ class WorkerConfig:
     upload_backoff: float
     rank: int
     world_size: int
+    gpus: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerConfig:
@@ -138,6 +144,17 @@ class WorkerConfig:
                 "and namespace (the operator sets them through the downward API)",
                 EXIT_PERMANENT,
             )
+
+        def count(name: str) -> int | None:
+            value = env.get(name)
+            if not value:
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise WorkerFailure(
+                    "InvalidRequest", f"{name}={value!r} is not an integer", EXIT_PERMANENT
+                ) from None
 
         def number(name: str, default: float) -> float:
             try:
@@ -174,6 +191,7 @@ class WorkerConfig:
             upload_backoff=number(ENV_UPLOAD_BACKOFF, 1.0),
             rank=int(env.get("RANK") or 0),
             world_size=int(env.get("WORLD_SIZE") or 1),
+            gpus=count(ENV_GPUS),
         )
 
 
@@ -444,7 +462,12 @@ def _request(manifest: Mapping[str, Any], config: WorkerConfig) -> tuple[Any, An
             user = UserParams(**fields)
             topology = Topology(nodes=1, gpus_per_node=1, cfg=1, ulysses=1, ring=1)
         else:
-            topology = generation.spec.plan_topology(model.dit.num_heads)
+            # The operator's resolved count (not re-derived here): used when the spec has none.
+            topology = generation.spec.plan_topology(
+                model.dit.num_heads,
+                default_gpus=config.gpus,
+                spatial_compression=model.vae.spatial_compression,
+            )
         if topology.world_size != config.world_size:
             raise ValueError(
                 f"the spec plans {topology.world_size} ranks ({topology.summary}) but torchrun "

@@ -71,6 +71,12 @@ The model catalog as the operator reads it (SMARTDIFF_MODELS): a JSON list of
 {{- if .weights -}}
 {{- $_ := set $entry "weights" .weights -}}
 {{- end -}}
+{{- if .defaultGpus -}}
+{{- $_ := set $entry "defaultGpus" (int .defaultGpus) -}}
+{{- end -}}
+{{- if .spatialCompression -}}
+{{- $_ := set $entry "spatialCompression" (int .spatialCompression) -}}
+{{- end -}}
 {{- $models = append $models $entry -}}
 {{- end -}}
 {{- toJson $models -}}

@@ -67,8 +67,8 @@ PRINTER_COLUMNS: Final[list[dict[str, Any]]] = [
     {
         "name": "GPUs",
         "type": "integer",
-        "jsonPath": ".spec.resources.gpus",
-        "description": "GPUs requested",
+        "jsonPath": ".status.topology.gpus",
+        "description": "GPUs the run uses (spec.resources.gpus, else the model's default)",
     },
     {
         "name": "Topology",

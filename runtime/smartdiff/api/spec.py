@@ -41,7 +41,8 @@ MAX_TOLERATIONS: Final = 64
 MAX_NODE_SELECTOR: Final = 64
 
 # Defaults of optional sub-objects: the API server applies ``{}`` and then the
-# defaults of the fields inside, so CEL rules can read e.g. resources.gpus.
+# defaults of the fields inside, so CEL rules can read e.g. sampling.guidanceScale.
+# ``resources.gpus`` has no default (unset means the model catalog's default).
 _DEFAULT_EMPTY: Final[dict[str, JsonValue]] = {"default": {}}
 
 
@@ -331,7 +332,7 @@ class ResourcesSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel_rule(
-                    "!has(self.gpusPerNode) || self.gpus <= self.gpusPerNode"
+                    "!has(self.gpusPerNode) || !has(self.gpus) || self.gpus <= self.gpusPerNode"
                     " || self.gpus % self.gpusPerNode == 0",
                     "gpus must be at most gpusPerNode or a multiple of it",
                     fieldPath=".gpus",
@@ -340,8 +341,11 @@ class ResourcesSpec(ApiModel):
         }
     )
 
-    gpus: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": checks.MAX_GPUS})
-    """Total GPUs, >= 1; more than ``gpusPerNode`` spans several nodes."""
+    gpus: int | None = Field(
+        default=None, json_schema_extra={"minimum": 1, "maximum": checks.MAX_GPUS}
+    )
+    """Total GPUs, >= 1; more than ``gpusPerNode`` spans several nodes. Unset means the
+    platform's default for the model (its catalog's ``defaultGpus``), else 1."""
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         json_schema_extra={"pattern": checks.RESOURCE_NAME_PATTERN, "maxLength": 253},
@@ -368,14 +372,9 @@ class ResourcesSpec(ApiModel):
     )
     """Host memory per pod as a quantity (``64Gi``); unset means no request or limit."""
 
-    @field_validator("gpus")
+    @field_validator("gpus", "gpus_per_node")
     @classmethod
-    def _check_gpus(cls, value: int, info: ValidationInfo) -> int:
-        return checks.check_int_range(json_name(info), value, 1, checks.MAX_GPUS)
-
-    @field_validator("gpus_per_node")
-    @classmethod
-    def _check_gpus_per_node(cls, value: int | None, info: ValidationInfo) -> int | None:
+    def _check_gpu_count(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None:
             checks.check_int_range(json_name(info), value, 1, checks.MAX_GPUS)
         return value
@@ -426,7 +425,9 @@ class ResourcesSpec(ApiModel):
     @model_validator(mode="after")
     def _check_nodes(self) -> ResourcesSpec:
         per_node = self.gpus_per_node
-        if per_node is not None and self.gpus > per_node and self.gpus % per_node != 0:
+        if self.gpus is None or per_node is None:
+            return self
+        if self.gpus > per_node and self.gpus % per_node != 0:
             lower = self.gpus // per_node * per_node
             raise checks.rejection(
                 "gpus",
@@ -437,16 +438,14 @@ class ResourcesSpec(ApiModel):
             )
         return self
 
-    @property
-    def nodes(self) -> int:
-        """Number of nodes (pods) the GPUs span."""
+    def nodes(self, gpus: int) -> int:
+        """Number of nodes (pods) ``gpus`` GPUs span (``gpus``: the resolved count)."""
         per_node = self.gpus_per_node
-        return 1 if per_node is None or self.gpus <= per_node else self.gpus // per_node
+        return 1 if per_node is None or gpus <= per_node else gpus // per_node
 
-    @property
-    def gpus_per_pod(self) -> int:
-        """GPUs each pod requests."""
-        return self.gpus // self.nodes
+    def gpus_per_pod(self, gpus: int) -> int:
+        """GPUs each pod requests when the run uses ``gpus`` GPUs (the resolved count)."""
+        return gpus // self.nodes(gpus)
 
 
 class ParallelismSpec(ApiModel):
@@ -467,7 +466,8 @@ class ParallelismSpec(ApiModel):
 
     mode: ParallelismMode = "auto"
     """``auto`` plans the degrees from the GPUs, heads and CFG; ``explicit`` uses
-    cfg x ulysses x ring, whose product must equal ``resources.gpus``."""
+    cfg x ulysses x ring, whose product must equal the GPU count (``resources.gpus``, or
+    the model's default when unset)."""
     cfg: int | None = Field(default=None, json_schema_extra={"minimum": 1, "maximum": 2})
     """CFG-parallel degree, 1 or 2 (explicit mode; default 1)."""
     ulysses: int | None = Field(

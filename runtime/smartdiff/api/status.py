@@ -123,6 +123,9 @@ class TopologyStatus(ApiModel):
     """Ring-attention context-parallel degree."""
     summary: str = ""
     """Short label for printer columns (``cfg2xu2``, ``single``); derived from the degrees."""
+    gpus: int | None = Field(default=None, json_schema_extra={"minimum": 1})
+    """GPUs the run uses (nodes x gpusPerNode; the spec's count or the model's default);
+    derived, for the GPUs printer column."""
 
     @model_validator(mode="before")
     @classmethod
@@ -130,7 +133,10 @@ class TopologyStatus(ApiModel):
         if isinstance(data, dict):
             degrees = [data.get(key, 1) for key in ("cfg", "ulysses", "ring")]
             if all(type(degree) is int for degree in degrees):
-                return {**data, "summary": degrees_summary(*degrees)}
+                data = {**data, "summary": degrees_summary(*degrees)}
+            layout = [data.get("nodes"), data.get("gpusPerNode", data.get("gpus_per_node"))]
+            if all(type(count) is int for count in layout):
+                data = {**data, "gpus": layout[0] * layout[1]}
         return data
 
     @model_validator(mode="after")

@@ -19,6 +19,10 @@ Auto planning, in order of preference:
    divides the head count (an even head split);
 3. ring attention over the remaining factor.
 
+How many GPUs: ``resolve_gpus`` -- the spec's ``resources.gpus`` if set, else the
+model catalog's default for the model, else 1. The operator resolves it once and
+hands the count to the pods, so the runtime plans with the same number.
+
 Explicit degrees are checked instead of planned. An uneven head split (a Ulysses
 degree not dividing, or exceeding, the head count) is accepted only when the
 runtime supports it (``uneven_heads``). Impossible requests raise ``ValueError``
@@ -32,10 +36,37 @@ from dataclasses import dataclass
 
 from smartdiff.api import checks
 
-# Wan2.1/2.2 VAE: 4x in time, 8x in space; transformer patch (t, h, w) = (1, 2, 2).
+# Wan2.1 VAE (and Wan2.2 A14B): 4x in time, 8x in space; transformer patch (t, h, w) =
+# (1, 2, 2). The Wan2.2 VAE of TI2V-5B compresses 16x in space (4x fewer tokens).
 WAN_TEMPORAL_COMPRESSION = 4
 WAN_SPATIAL_COMPRESSION = 8
+WAN22_SPATIAL_COMPRESSION = 16
 WAN_PATCH = (1, 2, 2)
+DEFAULT_GPUS = 1
+
+
+def resolve_gpus(requested: int | None, model_default: int | None) -> int:
+    """The GPU count a generation runs on (the single place this is decided).
+
+    Args:
+        requested: ``spec.resources.gpus``; None when the manifest leaves it out.
+        model_default: the model catalog's ``defaultGpus`` for the model; None if unset.
+
+    Returns:
+        ``requested`` if set, else ``model_default`` if set, else 1.
+
+    Raises:
+        ValueError: the chosen value is not an integer in [1, MAX_GPUS].
+    """
+    for name, value in (("resources.gpus", requested), ("defaultGpus", model_default)):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} is not allowed: must be an integer")
+        if not 1 <= value <= checks.MAX_GPUS:
+            raise ValueError(f"{name}={value} is not allowed: must be in [1, {checks.MAX_GPUS}]")
+        return value
+    return DEFAULT_GPUS
 
 
 @dataclass(frozen=True)
@@ -119,7 +150,10 @@ def video_tokens(
     spatial_compression: int = WAN_SPATIAL_COMPRESSION,
     patch: tuple[int, int, int] = WAN_PATCH,
 ) -> int:
-    """Transformer sequence length of a video (Wan defaults: 832x480x81 -> 32760)."""
+    """Transformer sequence length of a video (Wan defaults: 832x480x81 -> 32760).
+
+    ``spatial_compression`` is the VAE's: 8 for the Wan2.1 VAE, 16 for Wan2.2 TI2V-5B's.
+    """
     latent_frames = (frames - 1) // temporal_compression + 1
     latent_height = height // spatial_compression
     latent_width = width // spatial_compression
@@ -139,7 +173,7 @@ def plan_topology(
     """Plan (or, with ``explicit``, check) the topology of one generation.
 
     Args:
-        gpus: total GPUs requested (``spec.resources.gpus``).
+        gpus: total GPUs (``resolve_gpus`` of ``spec.resources.gpus`` and the catalog).
         gpus_per_node: most GPUs one node offers (``spec.resources.gpusPerNode``);
             None means all GPUs are on one node.
         num_heads: attention heads of the transformer (Wan2.1 1.3B: 12, 14B: 40).

@@ -50,7 +50,13 @@ from smartdiff.api.spec import (
     cel_rule,
 )
 from smartdiff.api.status import VideoGenerationStatus
-from smartdiff.api.topology import Topology, plan_topology, video_tokens
+from smartdiff.api.topology import (
+    WAN_SPATIAL_COMPRESSION,
+    Topology,
+    plan_topology,
+    resolve_gpus,
+    video_tokens,
+)
 
 GROUP: Final = "smartdiff.io"
 VERSION: Final = "v1alpha1"
@@ -66,7 +72,7 @@ QUEUE_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _PARALLEL = "self.parallelism"
 _DEGREE = "(has(self.parallelism.{0}) ? self.parallelism.{0} : 1)"
 _EXPLICIT_PRODUCT = " * ".join(_DEGREE.format(name) for name in ("cfg", "ulysses", "ring"))
-_GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
+_HAS_GPUS = "has(self.resources) && has(self.resources.gpus)"
 _GUIDANCE = (
     "(has(self.sampling) && has(self.sampling.guidanceScale) ? self.sampling.guidanceScale : 5.0)"
 )
@@ -74,7 +80,7 @@ SPEC_RULES: Final[list[JsonValue]] = [
     cel_rule("self == oldSelf", "spec is immutable"),
     cel_rule(
         f"!has({_PARALLEL}) || !has({_PARALLEL}.mode) || {_PARALLEL}.mode != 'explicit'"
-        f" || {_EXPLICIT_PRODUCT} == {_GPUS}",
+        f" || !({_HAS_GPUS}) || {_EXPLICIT_PRODUCT} == self.resources.gpus",
         "parallelism: explicit cfg x ulysses x ring must equal resources.gpus",
         fieldPath=".parallelism",
     ),
@@ -182,7 +188,8 @@ class VideoGenerationSpec(ApiModel):
         degrees = self.parallelism.degrees()
         if degrees is None:
             return self
-        if degrees.world_size != self.resources.gpus:
+        # Unset gpus: the operator checks the product against the model's default count.
+        if self.resources.gpus is not None and degrees.world_size != self.resources.gpus:
             raise checks.rejection(
                 "parallelism",
                 {"cfg": degrees.cfg, "ulysses": degrees.ulysses, "ring": degrees.ring},
@@ -200,22 +207,48 @@ class VideoGenerationSpec(ApiModel):
 
     @property
     def tokens(self) -> int:
-        """Transformer sequence length of the requested video (Wan VAE and patching)."""
+        """Transformer sequence length of the requested video (Wan2.1 VAE and patching)."""
+        return self.tokens_for(WAN_SPATIAL_COMPRESSION)
+
+    def tokens_for(self, spatial_compression: int) -> int:
+        """Sequence length with a VAE of ``spatial_compression`` (Wan2.2 TI2V-5B: 16)."""
         return video_tokens(
-            width=self.video.width, height=self.video.height, frames=self.video.frames
+            width=self.video.width,
+            height=self.video.height,
+            frames=self.video.frames,
+            spatial_compression=spatial_compression,
         )
 
-    def plan_topology(self, num_heads: int, *, uneven_heads: bool = True) -> Topology:
+    def resolved_gpus(self, model_default: int | None = None) -> int:
+        """The GPU count this spec runs on: ``resources.gpus``, else ``model_default``
+        (the catalog's ``defaultGpus``), else 1 (``smartdiff.api.topology.resolve_gpus``)."""
+        return resolve_gpus(self.resources.gpus, model_default)
+
+    def plan_topology(
+        self,
+        num_heads: int,
+        *,
+        default_gpus: int | None = None,
+        spatial_compression: int = WAN_SPATIAL_COMPRESSION,
+        uneven_heads: bool = True,
+    ) -> Topology:
         """Plan (auto) or check (explicit) the topology for a model with ``num_heads``.
+
+        Args:
+            num_heads: attention heads of the model's transformer.
+            default_gpus: the GPU count when ``resources.gpus`` is unset (the model
+                catalog's ``defaultGpus``, or the count the operator resolved); None: 1.
+            spatial_compression: the model's VAE spatial compression (8; TI2V-5B: 16).
+            uneven_heads: whether the runtime accepts an uneven Ulysses head split.
 
         Raises:
             ValueError: the GPUs cannot be split this way; the message says why.
         """
         return plan_topology(
-            gpus=self.resources.gpus,
+            gpus=self.resolved_gpus(default_gpus),
             gpus_per_node=self.resources.gpus_per_node,
             num_heads=num_heads,
-            tokens=self.tokens,
+            tokens=self.tokens_for(spatial_compression),
             do_cfg=self.sampling.guidance_scale > 1.0,
             explicit=self.parallelism.degrees(),
             uneven_heads=uneven_heads,
