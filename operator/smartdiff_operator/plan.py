@@ -85,7 +85,8 @@ def plan(generation: VideoGeneration, catalog: ModelCatalog) -> GenerationPlan:
             model.num_heads,
             default_gpus=model.default_gpus,
             spatial_compression=model.spatial_compression,
-            uneven_heads=False,
+            # The runtime splits heads unevenly (12 heads over Ulysses 8: 2,2,2,2,1,1,1,1).
+            uneven_heads=True,
         )
     except ValueError as error:
         field = "spec.parallelism" if spec.parallelism.mode == "explicit" else "spec.resources.gpus"
