@@ -5,7 +5,8 @@ that the change of a DiT's output between steps follows the change of its timest
 input, after a model-specific polynomial rescaling fitted offline. Per CFG branch:
 
 1. ``d = mean|m_t - m_prev| / mean|m_prev|``, with ``m`` the time embedding ``e [B, dim]``, or
-   -- in the *retention-steps* variant -- the time projection ``e0 [B, 6, dim]``;
+   -- in the *retention-steps* variant -- the time projection ``e0 [B, 6, dim]`` (per token:
+   ``[B, S, dim]``, ``[B, S, 6, dim]``, the mean over every token);
 2. ``acc += poly(d)`` (``numpy.poly1d`` order: highest power first);
 3. if ``acc < threshold``, skip the blocks and add the residual ``blocks(x) - x`` kept from
    the last computed step; otherwise compute them, keep the new residual and reset ``acc``.
@@ -15,9 +16,13 @@ the first ``RETENTION_STEPS`` (5) in the retention-steps variant, which the auth
 (better quality at a given speed). A threshold of 0 always computes (the retention
 polynomials are negative near 0, so the published rule would otherwise skip at threshold 0).
 
-The metric reads only ``e``/``e0``, which every rank computes from the same timestep: all
-ranks of a context-parallel group take the same decisions with no communication. The
-residual is per rank (its token shard) and per branch.
+The metric reads only ``e``/``e0``. With one timestep per sample every rank computes them from
+the same timestep: all ranks of a context-parallel group take the same decisions with no
+communication. With per-token timesteps (Wan2.2 TI2V: ``e [B, S, dim]``, ``e0 [B, S, 6, dim]``)
+a rank holds only its token shard of them, so the distance is taken over the real rows of the
+shard with both sums reduced over the ranks sharing the branch (``reduce``) -- the same value
+as on one process; without ``reduce`` that combination is refused. The residual is per rank
+(its token shard) and per branch.
 
 Talks to: :mod:`.base`; the coefficients are the published ones for Wan2.1 T2V 1.3B and 14B.
 """
@@ -29,7 +34,7 @@ from typing import TYPE_CHECKING, ClassVar, Final, Literal
 
 import torch
 
-from smartdiff.cache.base import ReduceFn, StepCache, StepPosition, run_blocks
+from smartdiff.cache.base import ReduceFn, StepCache, StepPosition, run_blocks, valid_rows
 
 if TYPE_CHECKING:
     from smartdiff.models.wan_dit import AttentionFn, WanDiT, WanDiTInputs
@@ -104,17 +109,29 @@ class TeaCacheBranch:
     residual: torch.Tensor | None = None
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """``mean|current - previous| / mean|previous|`` (fp32)."""
+def relative_l1(
+    current: torch.Tensor, previous: torch.Tensor, reduce: ReduceFn | None = None
+) -> float:
+    """``mean|current - previous| / mean|previous|`` (fp32); with ``reduce``, the ratio of the
+    two sums reduced over the ranks holding the other parts of the tensors."""
     current, previous = current.float(), previous.float()
-    return float((current - previous).abs().mean() / previous.abs().mean())
+    if reduce is None:
+        return float((current - previous).abs().mean() / previous.abs().mean())
+    sums = reduce(torch.stack([(current - previous).abs().sum(), previous.abs().sum()]))
+    return float(sums[0] / sums[1])
 
 
 def decide(
-    config: TeaCacheConfig, state: TeaCacheBranch, index: int, total: int, modulated: torch.Tensor
+    config: TeaCacheConfig,
+    state: TeaCacheBranch,
+    index: int,
+    total: int,
+    modulated: torch.Tensor,
+    reduce: ReduceFn | None = None,
 ) -> bool:
     """Whether to compute the blocks at step ``index``; updates ``state``'s distance and
-    previous input (not the residual)."""
+    previous input (not the residual). ``reduce``: ``modulated`` is a rank's part of the whole
+    (per-token timesteps under context parallelism), see :func:`relative_l1`."""
     if (
         config.threshold <= 0
         or state.previous is None
@@ -124,7 +141,7 @@ def decide(
         compute = True
         state.accumulated = 0.0
     else:
-        state.accumulated += config.rescale(relative_l1(modulated, state.previous))
+        state.accumulated += config.rescale(relative_l1(modulated, state.previous, reduce))
         compute = not state.accumulated < config.threshold
         if compute:
             state.accumulated = 0.0
@@ -155,7 +172,18 @@ class TeaCache(StepCache[TeaCacheBranch]):
         valid_tokens: int | None,
     ) -> torch.Tensor:
         modulated = inputs.e0 if self.config.retention_steps else inputs.e
-        if not decide(self.config, state, position.index, position.total, modulated):
+        reduce = None
+        if inputs.e.ndim == 3 and valid_tokens is not None:  # a shard of per-token timesteps
+            if self.reduce is None:
+                raise ValueError(
+                    "teacache with per-token timesteps (Wan2.2 TI2V, e0 of shape "
+                    f"{tuple(inputs.e0.shape)}) on a context-parallel token shard needs "
+                    "reduce= (the sum over the sequence group, "
+                    "smartdiff.cache.base.sum_over_group): each rank holds only its tokens' "
+                    "timestep embeddings, so the ranks would decide differently"
+                )
+            modulated, reduce = valid_rows(modulated, valid_tokens), self.reduce
+        if not decide(self.config, state, position.index, position.total, modulated, reduce):
             assert state.residual is not None
             self.stats.skipped += 1
             return x + state.residual

@@ -6,7 +6,8 @@ rank of a sequence group (ring x ulysses, :class:`.groups.ParallelGroups`):
 
 1. embeds the whole input (``WanDiT.embed``: patches, timestep, text, RoPE table -- cheap);
 2. keeps its token shard (:class:`.layout.SequenceLayout`; the last shards are zero-padded) and
-   the matching rows of the RoPE table;
+   the matching rows of the RoPE table -- and of the time embeddings ``e``/``e0`` when the
+   timesteps are per token (Wan2.2 TI2V), see :func:`shard_inputs`;
 3. runs every block on its shard with :class:`.attention.ContextParallelAttention` as the
    self-attention (cross-attention to the text and the FFN are token-local);
 4. runs the head on its shard, all-gathers the shards over the sequence group, drops the
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from smartdiff.models.wan_dit import RotaryTable, WanDiT, WanDiTConfig
+from smartdiff.models.wan_dit import RotaryTable, WanDiT, WanDiTConfig, WanDiTInputs
 from smartdiff.parallel.attention import ContextParallelAttention
 from smartdiff.parallel.groups import ParallelGroups
 from smartdiff.parallel.layout import SequenceLayout
@@ -94,26 +95,41 @@ class ParallelDiT:
             )
         layout = SequenceLayout(tokens, ring=groups.ring, ulysses=groups.ulysses)
         start, stop = layout.shard(groups.sequence_rank)
-        x = shard_tokens(inputs.tokens, start, stop)
-        rope = RotaryTable(
-            cos=shard_tokens(inputs.rope.cos, start, stop, fill=1.0),
-            sin=shard_tokens(inputs.rope.sin, start, stop),
-        )
+        shard = shard_inputs(inputs, start, stop)
         attention = ContextParallelAttention(groups, layout, model.attention, self.lse_attention)
         # Through the model's block runner, so a step cache attached to it works here too.
         x = model.run_blocks(
-            x,
-            dataclasses.replace(inputs, rope=rope),
+            shard.tokens,
+            shard,
             attention,
             valid_tokens=layout.shard_valid(groups.sequence_rank),
         )
-        out = gather_tokens(model.head(x, inputs.e), groups.sequence_group, layout)
+        out = gather_tokens(model.head(x, shard.e), groups.sequence_group, layout)
         return model.unpatchify(out, inputs.grid)
 
 
 def parallelize(model: WanDiT, groups: ParallelGroups) -> WanDiT | ParallelDiT:
     """``model`` itself for a single-rank sequence group, else a :class:`ParallelDiT`."""
     return model if groups.sequence_size == 1 else ParallelDiT(model, groups)
+
+
+def shard_inputs(inputs: WanDiTInputs, start: int, stop: int) -> WanDiTInputs:
+    """``inputs`` with every per-token tensor cut to the token rows ``start:stop`` (padded).
+
+    Always the tokens and the RoPE rows (padding rotates by 0: cos 1, sin 0). With per-token
+    timesteps (Wan2.2 TI2V: ``e [B, S, dim]``, ``e0 [B, S, 6, dim]``) also ``e`` and ``e0``,
+    padded with 0 (modulation by the tables alone: finite, and the rows are dropped after the
+    gather); per-sample ``e [B, dim]``, ``e0 [B, 6, dim]`` and the text are shared as they are.
+    """
+    rope = RotaryTable(
+        cos=shard_tokens(inputs.rope.cos, start, stop, fill=1.0),
+        sin=shard_tokens(inputs.rope.sin, start, stop),
+    )
+    shard = dataclasses.replace(inputs, tokens=shard_tokens(inputs.tokens, start, stop), rope=rope)
+    if inputs.e.ndim == 3:  # per-token timesteps
+        e0 = shard_tokens(inputs.e0.flatten(-2), start, stop).unflatten(-1, inputs.e0.shape[-2:])
+        shard = dataclasses.replace(shard, e=shard_tokens(inputs.e, start, stop), e0=e0)
+    return shard
 
 
 def shard_tokens(x: torch.Tensor, start: int, stop: int, fill: float = 0.0) -> torch.Tensor:
