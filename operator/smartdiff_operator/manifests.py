@@ -27,6 +27,20 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from smartdiff.api.podenv import (
+    ENV_GPUS,
+    ENV_NAME,
+    ENV_NAMESPACE,
+    ENV_NODE,
+    ENV_OUTPUT_DIR,
+    ENV_POD,
+    ENV_PROGRESS_INTERVAL,
+    ENV_S3_ENDPOINT,
+    ENV_S3_REGION,
+    ENV_UID,
+    ENV_WEIGHTS_ROOT,
+    ENV_WEIGHTS_URI,
+)
 from smartdiff.api.videogeneration import API_VERSION, KIND, VideoGeneration
 from smartdiff_operator import names, rbac
 from smartdiff_operator.plan import GenerationPlan, plan
@@ -36,20 +50,7 @@ SHM_VOLUME: Final = "dshm"
 OUTPUT_VOLUME: Final = "output"
 WEIGHTS_VOLUME: Final = "weights"
 
-# Environment variables the worker reads (see smartdiff.worker).
-ENV_NAME: Final = "SMARTDIFF_VG_NAME"
-ENV_NAMESPACE: Final = "SMARTDIFF_VG_NAMESPACE"
-ENV_UID: Final = "SMARTDIFF_VG_UID"
-ENV_POD: Final = "SMARTDIFF_POD_NAME"
-ENV_NODE: Final = "SMARTDIFF_NODE_NAME"
-ENV_OUTPUT_DIR: Final = "SMARTDIFF_OUTPUT_DIR"
-ENV_WEIGHTS_URI: Final = "SMARTDIFF_WEIGHTS_URI"
-ENV_WEIGHTS_ROOT: Final = "SMARTDIFF_WEIGHTS_ROOT"
-ENV_PROGRESS_INTERVAL: Final = "SMARTDIFF_PROGRESS_INTERVAL_SECONDS"
-ENV_S3_ENDPOINT: Final = "SMARTDIFF_S3_ENDPOINT"
-ENV_S3_REGION: Final = "SMARTDIFF_S3_REGION"
-# The GPU count the plan resolved (spec.resources.gpus, else the catalog's defaultGpus).
-ENV_GPUS: Final = "SMARTDIFF_GPUS"
+# The pod environment names (ENV_*) come from smartdiff.api.podenv, shared with the worker.
 # Keys read from the credentials Secret: (key, required).
 SECRET_KEYS: Final = (
     ("AWS_ACCESS_KEY_ID", True),

@@ -43,25 +43,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from smartdiff.api.podenv import (
+    ENV_GPUS,
+    ENV_NAME,
+    ENV_NAMESPACE,
+    ENV_NODE,
+    ENV_OUTPUT_DIR,
+    ENV_POD,
+    ENV_PROGRESS_INTERVAL,
+    ENV_S3_ENDPOINT,
+    ENV_S3_REGION,
+    ENV_UID,
+    ENV_WEIGHTS_ROOT,
+    ENV_WEIGHTS_URI,
+)
 from smartdiff.api.status import Condition, OutputStatus, ProgressStatus, TimingsStatus
 from smartdiff.api.topology import Topology
 from smartdiff.api.videogeneration import GROUP, PLURAL, VERSION, VideoGeneration
 
 LOG = logging.getLogger("smartdiff.worker")
 
-# Set by the operator (smartdiff_operator.manifests) through the pod spec.
-ENV_NAME: Final = "SMARTDIFF_VG_NAME"
-ENV_NAMESPACE: Final = "SMARTDIFF_VG_NAMESPACE"
-ENV_UID: Final = "SMARTDIFF_VG_UID"
-ENV_POD: Final = "SMARTDIFF_POD_NAME"
-ENV_NODE: Final = "SMARTDIFF_NODE_NAME"
-ENV_OUTPUT_DIR: Final = "SMARTDIFF_OUTPUT_DIR"
-ENV_WEIGHTS_URI: Final = "SMARTDIFF_WEIGHTS_URI"
-ENV_WEIGHTS_ROOT: Final = "SMARTDIFF_WEIGHTS_ROOT"
-ENV_PROGRESS_INTERVAL: Final = "SMARTDIFF_PROGRESS_INTERVAL_SECONDS"
-ENV_S3_ENDPOINT: Final = "SMARTDIFF_S3_ENDPOINT"
-ENV_S3_REGION: Final = "SMARTDIFF_S3_REGION"
-ENV_GPUS: Final = "SMARTDIFF_GPUS"
+# Set by the operator through the pod spec: the ENV_* names of smartdiff.api.podenv.
 # Optional, for runs outside a pod and for tests.
 ENV_KUBECONFIG: Final = "SMARTDIFF_KUBECONFIG"
 ENV_KUBE_SERVER: Final = "SMARTDIFF_KUBE_SERVER"
