@@ -212,8 +212,8 @@ class Backend:
         Args:
             model: a :class:`ModelConfig` or a config name (``configs/models/<name>.yaml``).
             system: device, dtype, attention backend, memory level and parallel degrees.
-            weights_path: a released weights folder, official Wan2.1 or diffusers layout
-                (:func:`smartdiff.io.release.detect_release`), or a weights URI: ``file://``,
+            weights_path: a released weights folder, official Wan2.1/Wan2.2 or diffusers
+                layout (:func:`smartdiff.io.release.detect_release`), or a weights URI: ``file://``,
                 ``pvc://`` or ``s3://`` (downloaded into the node-local cache,
                 :func:`smartdiff.io.weights.resolve_weights_uri`). Required unless the model
                 has ``random_weights``, in which case ``None`` builds seeded random weights.
@@ -322,8 +322,10 @@ def _load_components(
     attention: AttentionFn | None,
     weights: str | os.PathLike[str],
 ) -> Components:
-    """Load from a release folder (official Wan2.1 or diffusers layout) or a weights URI."""
-    from smartdiff.io.release import check_release_architecture, detect_release
+    """Load from a release folder (official Wan2.1/Wan2.2 or diffusers layout) or a weights
+    URI; a two-expert model's high-noise expert is ``release.dit``, its low-noise one
+    ``release.dit_2``."""
+    from smartdiff.io.release import check_release_architecture, detect_release, release_kind
     from smartdiff.io.weights import resolve_weights_uri
 
     root = resolve_weights_uri(weights)
@@ -331,6 +333,7 @@ def _load_components(
         root,
         subfolders=config.weights,
         tokenizer_required=config.text_encoder.tokenizer != "byte-level",
+        kind=release_kind(config),
     )
     check_release_architecture(release, config)
     LOG.info("weights %s: %s layout", root, release.layout)
@@ -340,7 +343,7 @@ def _load_components(
     dit_2 = None
     if config.num_experts == 2:
         dit_2 = WanDiT.from_checkpoint(
-            _second_expert_weights(root, config),
+            release.second_expert(),
             config.dit,
             device=_second_expert_device(placement),
             dtype=placement.dtype,
@@ -365,21 +368,3 @@ def _load_components(
         dtype=placement.dtype,
     )
     return dit, dit_2, vae, text_encoder
-
-
-def _second_expert_weights(root: os.PathLike[str], config: ModelConfig) -> os.PathLike[str]:
-    """The low-noise expert's checkpoint: ``<root>/<weights.dit_2>/`` (diffusers layout:
-    ``transformer_2/``), its single safetensors file or its shard index."""
-    from pathlib import Path
-
-    from smartdiff.io.release import ReleaseLayoutError, _find_weights
-
-    folder = Path(root) / config.weights.dit_2
-    found, missing = _find_weights(folder) if folder.is_dir() else (None, [])
-    if found is None:
-        raise ReleaseLayoutError(
-            f"model {config.name!r} has two experts: {str(folder)!r} must hold the low-noise "
-            "expert (config.json and safetensors)"
-            + (f"; missing: {'; '.join(missing)}" if missing else "")
-        )
-    return found
