@@ -192,10 +192,10 @@ BAD_RUN = [
     ({"sampling": {"solver": "ddim"}}, "spec.sampling.solver: solver='ddim'", "'euler'"),
     ({"sampling": {"guidanceScale": -1.0}}, "spec.sampling.guidanceScale", "at least 0"),
     ({"model": {"name": "nope"}}, "spec.model.name: unknown model 'nope'", "wan2.1-t2v-1.3b"),
-    (
-        {"model": {"weights": "s3://models/wan/"}},
-        "spec.model.weights: 's3://models/wan/'",
-        "--weights PATH",
+    (  # a folder, but no Wan release: refused before anything loads
+        {"model": {"weights": "file:///proc/self"}},
+        "spec.model.weights: ",
+        "release",
     ),
     (
         {"model": {"weights": "file:///does/not/exist"}},

@@ -143,7 +143,7 @@ class Plan:
     user: UserParams
     system: SystemParams
     model: ModelConfig
-    weights: Path | None
+    weights: str | Path | None
     local_path: Path | None
     s3_uri: str | None
     demo_note: str | None
@@ -242,37 +242,39 @@ def _load_model(name: str, origin: str) -> ModelConfig:
         raise UsageError(f"{origin}: {error}") from None
 
 
-def _weights_path(value: str, origin: str, model: ModelConfig) -> Path:
-    """A local weights folder that holds every component the model config names."""
-    if value.startswith("file://"):
-        value = value.removeprefix("file://")
-    elif "://" in value:
-        raise UsageError(
-            f"{origin}: {value!r} is not allowed here: the local CLI reads weights from a "
-            "folder (a path or file:///path); download them and pass --weights PATH"
-        )
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        raise UsageError(f"{origin}: {str(path)!r} {what}; expected a weights folder")
+def _weights_path(value: str, origin: str, model: ModelConfig) -> str | Path:
+    """Where the model's weights are: a local release folder (official Wan or diffusers
+    layout, checked now, before anything loads), or an ``s3://`` / ``pvc://`` URI that the
+    backend resolves (S3 is downloaded once into the node-local weights cache)."""
     if model.random_weights:
         raise UsageError(
             f"{origin}: model {model.name!r} has random weights and reads no "
             "checkpoint; drop the weights or choose another model"
         )
-    layout = model.weights
-    needed = ["dit", "vae", "text_encoder"]
-    if model.num_experts == 2:
-        needed.insert(1, "dit_2")
-    if model.text_encoder.tokenizer != "byte-level":
-        needed.append("tokenizer")
-    folders = [getattr(layout, name) for name in needed]
-    missing = [folder for folder in folders if not (path / folder).exists()]
-    if missing:
+    if value.startswith(("s3://", "pvc://")):
+        return value
+    if value.startswith("file://"):
+        value = value.removeprefix("file://")
+    elif "://" in value:
         raise UsageError(
-            f"{origin}: {str(path)!r} lacks {', '.join(f + '/' for f in missing)} (model "
-            f"{model.name!r} needs {', '.join(f + '/' for f in folders)} inside it)"
+            f"{origin}: {value!r} is not allowed: weights are a folder, file://, pvc:// or "
+            "s3:// URI"
         )
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise UsageError(f"{origin}: {str(path)!r} {what}; expected a weights folder")
+    from smartdiff.io.release import ReleaseLayoutError, detect_release, release_kind
+
+    try:
+        detect_release(
+            path,
+            subfolders=model.weights,
+            tokenizer_required=model.text_encoder.tokenizer != "byte-level",
+            kind=release_kind(model),
+        )
+    except (ReleaseLayoutError, ValueError) as error:  # one line: what is there, what lacks
+        raise UsageError(f"{origin}: " + "; ".join(str(error).splitlines())) from None
     return path
 
 
