@@ -54,6 +54,7 @@ from smartdiff_operator.settings import (
     ReconcileSettings,
     RuntimeSettings,
     StorageSettings,
+    WeightsCacheSettings,
 )
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -121,6 +122,12 @@ def non_default_values(namespaces: tuple[str, str] = ("videos-a", "videos-b")) -
                 "namespaces": [namespaces[0]],
                 "accessKeyId": "AKIAEXAMPLE",
                 "secretAccessKey": "example-secret",
+            },
+            "weightsCache": {
+                "type": "pvc",
+                "claimName": "wan-weights-cache",
+                "mountPath": "/cache/weights",
+                "fsGroup": 2000,
             },
         },
         "models": [
@@ -268,6 +275,9 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("comma in extraEnv", {"runtime": {"extraEnv": {"A": "x,y"}}}, "/runtime/extraEnv"),
     ("rendezvous port", {"runtime": {"rendezvousPort": 70000}}, "/runtime/rendezvousPort"),
     ("s3 endpoint", {"s3": {"endpoint": "minio:9000"}}, "/s3/endpoint"),
+    ("cache type", {"s3": {"weightsCache": {"type": "nfs"}}}, "/s3/weightsCache/type"),
+    ("cache claim", {"s3": {"weightsCache": {"type": "pvc"}}}, "/s3/weightsCache/claimName"),
+    ("cache path", {"s3": {"weightsCache": {"hostPath": "cache"}}}, "/s3/weightsCache/hostPath"),
     (
         "secret without keys",
         {"s3": {"credentialsSecret": {"create": True, "namespaces": ["v"]}}},
@@ -375,7 +385,16 @@ def test_rendered_environment_becomes_the_intended_operator_settings(tmp_path: P
                 ModelEntry("wan-tiny-random", 2),
             )
         ),
-        storage=StorageSettings("http://minio.storage.svc:9000", "eu-west-1"),
+        storage=StorageSettings(
+            "http://minio.storage.svc:9000",
+            "eu-west-1",
+            WeightsCacheSettings(
+                kind="pvc",
+                claim_name="wan-weights-cache",
+                mount_path="/cache/weights",
+                fs_group=2000,
+            ),
+        ),
         reconcile=ReconcileSettings(12.5, 3, 1.0),
         observability=ObservabilitySettings(9100, 9808, "0.0.0.0", "DEBUG"),
         namespaces=("videos-a", "videos-b"),

@@ -255,9 +255,13 @@ OPERATOR_REJECTS: list[tuple[str, dict[str, Any], str, str]] = [
         "ImpossibleTopology",
         "spec.resources.gpus",
     ),
-    (
-        "heads",
-        {"resources": {"gpus": 8}, "parallelism": {"mode": "explicit", "ulysses": 8}},
+    (  # explicit context parallelism over more ranks than the video has tokens
+        "tokens",
+        {
+            "video": {"width": 16, "height": 16, "frames": 1},
+            "resources": {"gpus": 2},
+            "parallelism": {"mode": "explicit", "ulysses": 2},
+        },
         "ImpossibleTopology",
         "spec.parallelism",
     ),

@@ -26,6 +26,8 @@ from smartdiff_operator.settings import (
     OperatorSettings,
     RuntimeSettings,
     SettingsError,
+    StorageSettings,
+    WeightsCacheSettings,
 )
 
 SETTINGS = OperatorSettings()
@@ -294,6 +296,100 @@ def test_pvc_weights_are_mounted_read_only() -> None:
     assert worker.resolve_weights("pvc://models/wan/14b", worker.Path("/mnt/weights")) == (
         worker.Path("/mnt/weights/models/wan/14b")
     )
+
+
+S3_WEIGHTS = {"name": "wan2.1-t2v-1.3b", "weights": "s3://models/Wan2.1-T2V-1.3B/"}
+
+
+def cache_settings(**cache: Any) -> OperatorSettings:
+    return OperatorSettings(storage=StorageSettings(weights_cache=WeightsCacheSettings(**cache)))
+
+
+def pod_parts(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(volumes, mounts, env)`` of a Job's pod, each by name."""
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container_of(job)["volumeMounts"]}
+    return volumes, mounts, env_of(job)
+
+
+def test_s3_weights_get_the_node_local_cache_on_a_host_path() -> None:
+    from smartdiff.io.s3_cache import CACHE_ENV
+
+    vg = make_generation(model=S3_WEIGHTS)
+    job = by_kind(manifests.desired_objects(vg, SETTINGS))["Job"]
+    volumes, mounts, env = pod_parts(job)
+    cache = "/var/cache/smart-diffusion/weights"
+    assert volumes["weights-cache"] == {
+        "name": "weights-cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"},
+    }  # fmt: skip
+    assert mounts["weights-cache"] == {"name": "weights-cache", "mountPath": cache}
+    # The runtime's cache reads the variable the operator sets.
+    assert podenv.ENV_WEIGHTS_CACHE == CACHE_ENV
+    assert env[CACHE_ENV] == {"name": CACHE_ENV, "value": cache}
+    assert env[podenv.ENV_WEIGHTS_URI]["value"] == "s3://models/Wan2.1-T2V-1.3B/"
+    assert "weights" not in volumes and podenv.ENV_WEIGHTS_ROOT not in env
+    # The weights come with the output Secret's credentials.
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+    # No fsGroup: a hostPath is not relabelled; the platform makes it writable for 65532.
+    assert "fsGroup" not in job["spec"]["template"]["spec"]["securityContext"]
+    # Weights read in place get no cache.
+    for model in ({"name": "wan2.1-t2v-14b", "weights": "pvc://models/wan/14b"}, None):
+        other = make_generation(**({"model": model} if model else {}))
+        volumes, mounts, env = pod_parts(by_kind(manifests.desired_objects(other, SETTINGS))["Job"])
+        assert "weights-cache" not in volumes and "weights-cache" not in mounts
+        assert CACHE_ENV not in env
+
+
+def test_the_weights_cache_may_be_a_claim_an_empty_dir_or_disabled() -> None:
+    vg = make_generation(model=S3_WEIGHTS)
+    settings = cache_settings(kind="pvc", claim_name="weights-cache", mount_path="/cache")
+    job = by_kind(manifests.desired_objects(vg, settings))["Job"]
+    volumes, mounts, env = pod_parts(job)
+    assert volumes["weights-cache"] == {
+        "name": "weights-cache", "persistentVolumeClaim": {"claimName": "weights-cache"},
+    }  # fmt: skip
+    assert mounts["weights-cache"] == {"name": "weights-cache", "mountPath": "/cache"}
+    assert env[podenv.ENV_WEIGHTS_CACHE]["value"] == "/cache"
+    security = job["spec"]["template"]["spec"]["securityContext"]
+    assert (security["fsGroup"], security["fsGroupChangePolicy"]) == (65532, "OnRootMismatch")
+
+    job = by_kind(manifests.desired_objects(vg, cache_settings(kind="emptyDir")))["Job"]
+    volumes, mounts, env = pod_parts(job)
+    assert volumes["weights-cache"] == {"name": "weights-cache", "emptyDir": {}}
+    assert env[podenv.ENV_WEIGHTS_CACHE]["value"] == "/var/cache/smart-diffusion/weights"
+    assert "fsGroup" not in job["spec"]["template"]["spec"]["securityContext"]
+
+    job = by_kind(manifests.desired_objects(vg, cache_settings(kind="disabled")))["Job"]
+    volumes, mounts, env = pod_parts(job)
+    assert "weights-cache" not in volumes and "weights-cache" not in mounts
+    assert podenv.ENV_WEIGHTS_CACHE not in env
+
+
+def test_weights_cache_settings_name_the_bad_value() -> None:
+    for cache, message in (
+        ({"kind": "nfs"}, "storage.weightsCache.type='nfs' is not allowed"),
+        ({"kind": "pvc"}, "storage.weightsCache.claimName=None is not allowed"),
+        ({"kind": "pvc", "claim_name": "Cache"}, "claimName='Cache'"),
+        ({"host_path": "var/cache"}, "storage.weightsCache.hostPath='var/cache'"),
+        ({"mount_path": "/"}, "storage.weightsCache.mountPath='/'"),
+        ({"fs_group": -1}, "storage.weightsCache.fsGroup=-1"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            WeightsCacheSettings(**cache)
+    settings = OperatorSettings.from_env(
+        {
+            "SMARTDIFF_WEIGHTS_CACHE_TYPE": "pvc",
+            "SMARTDIFF_WEIGHTS_CACHE_CLAIM": "weights-cache",
+            "SMARTDIFF_WEIGHTS_CACHE_MOUNT_PATH": "/cache",
+            "SMARTDIFF_WEIGHTS_CACHE_FS_GROUP": "1000",
+        }
+    )
+    assert settings.storage.weights_cache == WeightsCacheSettings(
+        kind="pvc", claim_name="weights-cache", mount_path="/cache", fs_group=1000
+    )
+    assert OperatorSettings.from_env({}).storage.weights_cache == WeightsCacheSettings()
+    with pytest.raises(SettingsError, match="SMARTDIFF_WEIGHTS_CACHE_TYPE='nfs'"):
+        OperatorSettings.from_env({"SMARTDIFF_WEIGHTS_CACHE_TYPE": "nfs"})
 
 
 def test_the_runtime_role_grants_only_its_own_generation() -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from operator_support import make_generation
 from smartdiff import worker
+from smartdiff.api import podenv
 from smartdiff.api.status import OutputStatus, TimingsStatus
 from smartdiff_operator.status import runtime_report
 
@@ -124,11 +125,64 @@ def test_configuration_errors_name_the_variable(tmp_path: Path) -> None:
         worker.WorkerConfig.from_env({**env, "SMARTDIFF_PROGRESS_INTERVAL_SECONDS": "soon"})
     config = worker.WorkerConfig.from_env({**env, "RANK": "1", "WORLD_SIZE": "2"})
     assert (config.rank, config.world_size, config.uid) == (1, 2, None)
-    assert worker.resolve_weights("file:///models/wan", Path("/mnt")) == Path("/models/wan")
-    assert worker.resolve_weights(None, Path("/mnt")) is None
-    with pytest.raises(worker.WorkerFailure, match="s3:// weights") as err:
-        worker.resolve_weights("s3://bucket/wan", Path("/mnt"))
-    assert err.value.reason == "WeightsUnavailable"
+
+
+def test_weights_uris_reach_the_backend_in_the_form_it_loads() -> None:
+    root = Path("/mnt/weights")
+    assert worker.resolve_weights(None, root) is None
+    assert worker.resolve_weights("file:///models/wan", root) == Path("/models/wan")
+    assert worker.resolve_weights("pvc://models/wan/14b", root) == root / "models" / "wan" / "14b"
+    # s3:// goes to the backend as is: it downloads into $SMARTDIFF_WEIGHTS_CACHE.
+    assert worker.resolve_weights("s3://models/Wan2.1-T2V-1.3B/", root) == (
+        "s3://models/Wan2.1-T2V-1.3B/"
+    )
+    for bad, message in (
+        ("s3://Bad_Bucket/wan/", "weights: 's3://Bad_Bucket/wan/'"),
+        ("pvc://models/../etc", r"pvc://models/\.\./etc"),
+        ("file://relative/wan", "file://relative/wan"),
+        ("http://example.com/wan", "unknown scheme"),
+    ):
+        with pytest.raises(worker.WorkerFailure, match=message) as err:
+            worker.resolve_weights(bad, root)
+        assert (err.value.reason, err.value.exit_code) == ("InvalidRequest", 2), bad
+
+
+class DeniedS3:
+    """A boto3 S3 client whose every listing is refused, as a wrong Secret would be."""
+
+    def get_paginator(self, operation: str) -> Any:
+        from botocore.exceptions import ClientError
+
+        error = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
+        raise ClientError(error, "ListObjectsV2")
+
+
+def test_a_failed_weights_download_is_weights_unavailable_and_retryable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smartdiff.engine.engine import Engine
+    from smartdiff.io.weights import resolve_weights_uri
+
+    uri = "s3://models/Wan2.1-T2V-1.3B/"
+    monkeypatch.setenv(podenv.ENV_WEIGHTS_CACHE, str(tmp_path / "cache"))
+    loaded: list[object] = []
+
+    def from_params(model: Any, system: Any, weights_path: Any = None, **_: Any) -> Any:
+        # What Backend.from_params does with the URI, against an S3 that refuses the listing.
+        loaded.append(weights_path)
+        return resolve_weights_uri(weights_path, client=DeniedS3())
+
+    monkeypatch.setattr(Engine, "from_params", staticmethod(from_params))
+    stored = stored_generation()
+    stored["spec"]["model"] = {"name": "wan2.1-t2v-1.3b", "weights": uri}
+    reporter = worker.StatusReporter(RecordingObjects(stored), "videos", "cat-surfing", 2.0)
+    env = {"SMARTDIFF_VG_NAME": "cat-surfing", "SMARTDIFF_VG_NAMESPACE": "videos"}
+    config = worker.WorkerConfig.from_env({**env, "SMARTDIFF_DEVICE": "cpu"})
+    with pytest.raises(worker.WorkerFailure) as err:
+        worker.run(config, reporter)
+    assert loaded == [uri]
+    assert (err.value.reason, err.value.exit_code) == ("WeightsUnavailable", 1)
+    assert uri in str(err.value) and "AccessDenied" in str(err.value)
 
 
 def test_without_api_access_the_worker_exits_with_a_reason(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ Every object has a deterministic name (``names.ChildNames``) and an
 ownerReference to the generation, so deletion cascades and creating twice is
 harmless. The Job carries the GPU resource, node selector, tolerations, S3
 credentials from a Secret (by reference), a memory-backed ``/dev/shm`` for NCCL,
+``pvc://`` weights read-only, the node-local cache for ``s3://`` weights
+(``settings.WeightsCacheSettings``: a hostPath, a PVC or an emptyDir),
 the deadline, backoff and TTL, and, with a Kueue queue, the queue label and
 ``suspend: true`` (Kueue unsuspends it on admission). Evictions and preemptions
 do not count against ``backoffLimit`` (a pod failure policy).
@@ -38,6 +40,7 @@ from smartdiff.api.podenv import (
     ENV_S3_ENDPOINT,
     ENV_S3_REGION,
     ENV_UID,
+    ENV_WEIGHTS_CACHE,
     ENV_WEIGHTS_ROOT,
     ENV_WEIGHTS_URI,
 )
@@ -49,6 +52,7 @@ from smartdiff_operator.settings import OperatorSettings
 SHM_VOLUME: Final = "dshm"
 OUTPUT_VOLUME: Final = "output"
 WEIGHTS_VOLUME: Final = "weights"
+WEIGHTS_CACHE_VOLUME: Final = "weights-cache"
 
 # The pod environment names (ENV_*) come from smartdiff.api.podenv, shared with the worker.
 # Keys read from the credentials Secret: (key, required).
@@ -244,6 +248,9 @@ def _env(generation_plan: GenerationPlan, settings: OperatorSettings) -> list[di
         env.append({"name": ENV_WEIGHTS_URI, "value": generation_plan.weights})
         if generation_plan.weights.startswith("pvc://"):
             env.append({"name": ENV_WEIGHTS_ROOT, "value": settings.runtime.weights_mount})
+    if _weights_cache(generation_plan, settings):
+        cache = settings.storage.weights_cache
+        env.append({"name": ENV_WEIGHTS_CACHE, "value": cache.mount_path})
     if settings.storage.s3_endpoint is not None:
         env.append({"name": ENV_S3_ENDPOINT, "value": settings.storage.s3_endpoint})
     if settings.storage.s3_region is not None:
@@ -259,10 +266,35 @@ def _env(generation_plan: GenerationPlan, settings: OperatorSettings) -> list[di
     return env
 
 
+def _weights_cache(generation_plan: GenerationPlan, settings: OperatorSettings) -> bool:
+    """Whether the pod gets the node-local weights cache: s3:// weights, cache not disabled."""
+    weights = generation_plan.weights
+    return (
+        weights is not None
+        and weights.startswith("s3://")
+        and settings.storage.weights_cache.kind != "disabled"
+    )
+
+
+def _weights_cache_volume(settings: OperatorSettings) -> dict[str, Any]:
+    cache = settings.storage.weights_cache
+    volume: dict[str, Any] = {"name": WEIGHTS_CACHE_VOLUME}
+    if cache.kind == "hostPath":
+        # Created root-owned by the kubelet when missing: the platform provides it writable
+        # for the runtime's uid 65532 (docs/install.md).
+        volume["hostPath"] = {"path": cache.host_path, "type": "DirectoryOrCreate"}
+    elif cache.kind == "pvc":
+        volume["persistentVolumeClaim"] = {"claimName": cache.claim_name}
+    else:
+        volume["emptyDir"] = {}
+    return volume
+
+
 def _volumes(
     generation_plan: GenerationPlan, settings: OperatorSettings
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(volumes, volumeMounts)``: /dev/shm in memory, the output folder, pvc:// weights."""
+    """``(volumes, volumeMounts)``: /dev/shm in memory, the output folder, pvc:// weights,
+    the weights cache for s3:// weights."""
     volumes: list[dict[str, Any]] = [
         {
             "name": SHM_VOLUME,
@@ -289,6 +321,11 @@ def _volumes(
                 "mountPath": f"{settings.runtime.weights_mount}/{claim}",
                 "readOnly": True,
             }
+        )
+    if _weights_cache(generation_plan, settings):
+        volumes.append(_weights_cache_volume(settings))
+        mounts.append(
+            {"name": WEIGHTS_CACHE_VOLUME, "mountPath": settings.storage.weights_cache.mount_path}
         )
     return volumes, mounts
 
@@ -353,6 +390,11 @@ def _job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    cache = settings.storage.weights_cache
+    if cache.kind == "pvc" and _weights_cache(generation_plan, settings):
+        # The claim's files belong to the runtime's group; relabel only a new volume.
+        pod_spec["securityContext"]["fsGroup"] = cache.fs_group
+        pod_spec["securityContext"]["fsGroupChangePolicy"] = "OnRootMismatch"
     node_selector = {**dict(settings.runtime.node_selector), **spec.resources.node_selector}
     if node_selector:
         pod_spec["nodeSelector"] = node_selector

@@ -2,12 +2,12 @@
 
 Role: everything the operator needs to know that is not in a ``VideoGeneration``
 -- the runtime image and how its pods are shaped, the model catalog (heads for the
-topology planner, default weights), the platform's S3 endpoint, observability
-ports and reconcile timing. ``OperatorSettings.from_env`` reads them from
-``SMARTDIFF_*`` environment variables (the Helm chart sets those); every field has
-a default that works on a local cluster. Each value is checked on construction and
-an error names the field (or the environment variable), the bad value and what is
-allowed.
+topology planner, default weights), the platform's S3 endpoint and the node-local
+cache of ``s3://`` weights, observability ports and reconcile timing.
+``OperatorSettings.from_env`` reads them from ``SMARTDIFF_*`` environment variables
+(the Helm chart sets those); every field has a default that works on a local cluster.
+Each value is checked on construction and an error names the field (or the environment
+variable), the bad value and what is allowed.
 
 Talks to: nothing (stdlib, ``smartdiff.api.checks`` and ``topology`` constants). Read by
 ``manifests`` (pod shape), ``handlers`` (catalog, timing) and ``__main__``.
@@ -25,6 +25,10 @@ from smartdiff.api import checks
 from smartdiff.api.topology import WAN22_SPATIAL_COMPRESSION, WAN_SPATIAL_COMPRESSION
 
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+WeightsCacheType = Literal["hostPath", "pvc", "emptyDir", "disabled"]
+WEIGHTS_CACHE_TYPES: Final = ("hostPath", "pvc", "emptyDir", "disabled")
+DEFAULT_WEIGHTS_CACHE: Final = "/var/cache/smart-diffusion/weights"
+RUNTIME_GID: Final = 65532  # the runtime image's user and group (Dockerfile)
 SPATIAL_COMPRESSIONS: Final = (WAN_SPATIAL_COMPRESSION, WAN22_SPATIAL_COMPRESSION)
 PULL_POLICIES: Final = ("Always", "IfNotPresent", "Never")
 _QUANTITY = re.compile(checks.QUANTITY_PATTERN)
@@ -195,18 +199,71 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class WeightsCacheSettings:
+    """The node-local cache runtime pods download ``s3://`` weights into.
+
+    Mounted only in pods whose weights are ``s3://`` (``pvc://`` and ``file://`` weights are
+    read in place), at ``mount_path``, which the pod gets as ``SMARTDIFF_WEIGHTS_CACHE``.
+    Pods on one node share it: the runtime's cache (``smartdiff.io.s3_cache``) is safe for
+    concurrent fillers, so the second run on a node loads without downloading.
+
+    Args:
+        kind: ``hostPath`` (``host_path`` on the node, type ``DirectoryOrCreate``; the
+            platform must make it writable for uid/gid 65532, since a folder the kubelet
+            creates is root-owned; Pod Security ``baseline`` forbids hostPath volumes),
+            ``pvc`` (the claim ``claim_name`` in the generation's namespace, shared by the
+            pods that mount it; the pod gets ``fs_group``), ``emptyDir`` (a per-pod folder:
+            every run downloads again) or ``disabled`` (nothing mounted, nothing set: the
+            runtime's default ``~/.cache/smart-diffusion/weights``, or ``runtime.extraEnv``).
+        host_path: the node's folder for ``hostPath``.
+        claim_name: the PersistentVolumeClaim for ``pvc``.
+        mount_path: where the cache is mounted in the runtime container.
+        fs_group: the pod's ``fsGroup`` with ``pvc`` (the runtime image's group, 65532), so
+            the volume is writable; no other kind sets it.
+    """
+
+    kind: WeightsCacheType = "hostPath"
+    host_path: str = DEFAULT_WEIGHTS_CACHE
+    claim_name: str | None = None
+    mount_path: str = DEFAULT_WEIGHTS_CACHE
+    fs_group: int = RUNTIME_GID
+
+    def __post_init__(self) -> None:
+        if self.kind not in WEIGHTS_CACHE_TYPES:
+            raise _fail(
+                "storage.weightsCache.type", self.kind, f"one of {', '.join(WEIGHTS_CACHE_TYPES)}"
+            )
+        for name, path in (("hostPath", self.host_path), ("mountPath", self.mount_path)):
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise _fail(f"storage.weightsCache.{name}", path, "an absolute path below /")
+        if self.kind == "pvc" and (self.claim_name is None or not _K8S_NAME.match(self.claim_name)):
+            raise _fail(
+                "storage.weightsCache.claimName",
+                self.claim_name,
+                "a PersistentVolumeClaim name (required with type pvc)",
+            )
+        if isinstance(self.fs_group, bool) or not isinstance(self.fs_group, int):
+            raise _fail("storage.weightsCache.fsGroup", self.fs_group, "an integer >= 0")
+        if self.fs_group < 0:
+            raise _fail("storage.weightsCache.fsGroup", self.fs_group, "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     """The platform's object storage.
 
     Args:
         s3_endpoint: S3 endpoint URL given to runtime pods (``AWS_ENDPOINT_URL``);
             None means AWS itself. A credentials Secret may override it with
-            ``AWS_ENDPOINT_URL_S3``.
+            ``AWS_ENDPOINT_URL_S3``. ``s3://`` weights are read from the same endpoint with
+            the same credentials (the output Secret's, else the pod's own identity).
         s3_region: signing region given to runtime pods; None leaves it to boto3.
+        weights_cache: the node-local cache of ``s3://`` weights.
     """
 
     s3_endpoint: str | None = None
     s3_region: str | None = None
+    weights_cache: WeightsCacheSettings = field(default_factory=WeightsCacheSettings)
 
     def __post_init__(self) -> None:
         if self.s3_endpoint is not None and not re.match(r"^https?://[^/\s]+", self.s3_endpoint):
@@ -283,7 +340,7 @@ class OperatorSettings:
     Args:
         runtime: the shape of runtime pods.
         models: the model catalog.
-        storage: the platform's S3 endpoint.
+        storage: the platform's S3 endpoint and the node-local cache of ``s3://`` weights.
         reconcile: reconcile timing.
         observability: health and metrics endpoints.
         namespaces: namespaces to serve; empty means the whole cluster.
@@ -337,9 +394,24 @@ class OperatorSettings:
                 ),
             )
             models = reader.models("SMARTDIFF_MODELS")
+            cache_defaults = WeightsCacheSettings()
+            weights_cache = WeightsCacheSettings(
+                kind=reader.cache_type("SMARTDIFF_WEIGHTS_CACHE_TYPE", cache_defaults.kind),
+                host_path=reader.text(
+                    "SMARTDIFF_WEIGHTS_CACHE_HOST_PATH", cache_defaults.host_path
+                ),
+                claim_name=env.get("SMARTDIFF_WEIGHTS_CACHE_CLAIM") or None,
+                mount_path=reader.text(
+                    "SMARTDIFF_WEIGHTS_CACHE_MOUNT_PATH", cache_defaults.mount_path
+                ),
+                fs_group=reader.integer(
+                    "SMARTDIFF_WEIGHTS_CACHE_FS_GROUP", cache_defaults.fs_group
+                ),
+            )
             storage = StorageSettings(
                 s3_endpoint=env.get("SMARTDIFF_S3_ENDPOINT") or None,
                 s3_region=env.get("SMARTDIFF_S3_REGION") or None,
+                weights_cache=weights_cache,
             )
             reconcile = ReconcileSettings(
                 resync_seconds=reader.number("SMARTDIFF_RESYNC_SECONDS", 30.0),
@@ -377,6 +449,12 @@ class _EnvReader:
         value = self.env.get(name) or default
         if value not in PULL_POLICIES:
             raise _fail(name, value, f"one of {', '.join(PULL_POLICIES)}")
+        return value  # type: ignore[return-value]  # checked against the Literal's values
+
+    def cache_type(self, name: str, default: WeightsCacheType) -> WeightsCacheType:
+        value = self.env.get(name) or default
+        if value not in WEIGHTS_CACHE_TYPES:
+            raise _fail(name, value, f"one of {', '.join(WEIGHTS_CACHE_TYPES)}")
         return value  # type: ignore[return-value]  # checked against the Literal's values
 
     def integer(self, name: str, default: int) -> int:

@@ -9,6 +9,9 @@ Role: run the ``VideoGeneration`` this pod was created for and report back.
 2. The spec becomes the engine's ``UserParams`` and ``SystemParams`` (the same
    topology planner as the operator's, with the GPU count the operator resolved:
    ``SMARTDIFF_GPUS`` when the spec leaves ``resources.gpus`` unset); the engine
+   loads the weights (``resolve_weights``: a ``file://`` or ``pvc://`` folder, or an
+   ``s3://`` prefix every rank fills into the node-local cache ``SMARTDIFF_WEIGHTS_CACHE``
+   together; a failed download is ``WeightsUnavailable``, retried by the Job) and
    generates the video.
 3. Rank 0 patches ``status.progress`` while denoising (at most once per
    ``SMARTDIFF_PROGRESS_INTERVAL_SECONDS``, and always the last step), encodes
@@ -346,19 +349,43 @@ def write_termination_message(path: Path, reason: str, message: str) -> None:
         LOG.error("termination message not written to %s: %s", path, error)
 
 
-def resolve_weights(uri: str | None, root: Path) -> Path | None:
-    """A local folder for a weights URI: ``file:///p`` -> ``p``; ``pvc://c/p`` -> ``root/c/p``."""
+def resolve_weights(uri: str | None, root: Path) -> str | Path | None:
+    """What the backend loads for a weights URI (it checks the folder and downloads S3).
+
+    ``file:///p`` -> ``p``; ``pvc://claim/p`` -> ``root/claim/p`` (the operator mounts the
+    claim at ``root/claim``); ``s3://bucket/prefix/`` -> the URI itself, which the backend
+    downloads into the node-local cache (``$SMARTDIFF_WEIGHTS_CACHE``, mounted by the
+    operator). A URI of another form can never load: ``InvalidRequest``, exit 2.
+    """
     if uri is None:
         return None
+    allowed = "allowed: file:///absolute/path, pvc://claim/path or s3://bucket/prefix/"
     if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
+        path = uri.removeprefix("file://")
+        if not path.startswith("/"):
+            raise WorkerFailure(
+                "InvalidRequest", f"weights={uri!r} is not allowed; {allowed}", EXIT_PERMANENT
+            )
+        return Path(path)
     if uri.startswith("pvc://"):
-        return root / uri.removeprefix("pvc://")
+        claim, _, inner = uri.removeprefix("pvc://").partition("/")
+        if not claim or ".." in inner.split("/"):
+            raise WorkerFailure(
+                "InvalidRequest",
+                f"weights={uri!r} is not allowed: no claim or a '..' segment; {allowed}",
+                EXIT_PERMANENT,
+            )
+        return root / claim / inner
+    if uri.startswith("s3://"):
+        from smartdiff.io.s3 import S3Location
+
+        try:
+            S3Location.parse(uri, field="weights")
+        except ValueError as error:
+            raise WorkerFailure("InvalidRequest", str(error), EXIT_PERMANENT) from error
+        return uri
     raise WorkerFailure(
-        "WeightsUnavailable",
-        f"weights={uri!r}: this runtime loads weights from file:// or pvc:// URIs; "
-        "s3:// weights must be staged on a volume first",
-        EXIT_PERMANENT,
+        "InvalidRequest", f"weights={uri!r} has an unknown scheme; {allowed}", EXIT_PERMANENT
     )
 
 
@@ -405,14 +432,14 @@ def run(config: WorkerConfig, reporter: StatusReporter | None) -> dict[str, Any]
             EXIT_PERMANENT,
         )
     generation, user, system, model = _request(manifest, config)
-    weights = resolve_weights(
-        config.weights_uri or generation.spec.model.weights, config.weights_root
-    )
+    weights_uri = config.weights_uri or generation.spec.model.weights
+    weights = resolve_weights(weights_uri, config.weights_root)
     if weights is not None and model.random_weights:
         weights = None
 
     from smartdiff.engine.engine import Engine
     from smartdiff.engine.task import TaskStatus
+    from smartdiff.io.s3_cache import WeightsDownloadError
 
     def on_step(_task: object, step: int, total: int) -> None:
         if reporter is not None:
@@ -427,6 +454,12 @@ def run(config: WorkerConfig, reporter: StatusReporter | None) -> dict[str, Any]
         engine = Engine.from_params(
             model, system, weights_path=weights, on_step=on_step, groups=groups
         )
+    except WeightsDownloadError as error:
+        # S3 unreachable, denied, throttled or a corrupt copy: another attempt may succeed
+        # (the cache keeps what was fetched; the Job's backoffLimit retries).
+        raise WorkerFailure(
+            "WeightsUnavailable", f"downloading weights {weights_uri}: {error}"
+        ) from error
     except (ValueError, FileNotFoundError, OSError) as error:
         raise WorkerFailure("LoadFailed", f"loading {model.name}: {error}") from error
     task = engine.submit(user)

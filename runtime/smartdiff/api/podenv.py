@@ -14,6 +14,7 @@ ENV_NODE: Final = "SMARTDIFF_NODE_NAME"
 ENV_OUTPUT_DIR: Final = "SMARTDIFF_OUTPUT_DIR"  # where the MP4 is written (and kept)
 ENV_WEIGHTS_URI: Final = "SMARTDIFF_WEIGHTS_URI"  # overrides spec.model.weights (catalog)
 ENV_WEIGHTS_ROOT: Final = "SMARTDIFF_WEIGHTS_ROOT"  # mount point of pvc:// weights
+ENV_WEIGHTS_CACHE: Final = "SMARTDIFF_WEIGHTS_CACHE"  # node-local cache of s3:// weights
 ENV_PROGRESS_INTERVAL: Final = "SMARTDIFF_PROGRESS_INTERVAL_SECONDS"  # status patch throttle
 ENV_S3_ENDPOINT: Final = "SMARTDIFF_S3_ENDPOINT"
 ENV_S3_REGION: Final = "SMARTDIFF_S3_REGION"
