@@ -84,7 +84,12 @@ def s3_client(state: localcluster.ClusterState) -> Any:
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "out", help="where the MP4 goes")
+    args = parser.parse_args(argv)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="smartdiff-demo-") as tmp:
         work = Path(tmp)
@@ -128,12 +133,12 @@ def main() -> int:
                 return 1
             uri = status["output"]["uri"]
             bucket, key = uri.removeprefix("s3://").split("/", 1)
-            out = REPO / "out" / Path(key).name
-            out.parent.mkdir(exist_ok=True)
+            out = args.out / Path(key).name
+            out.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, key, str(out))
             print(
                 f"== {uri} ({status['output']['bytes']} bytes, sha256 "
-                f"{status['output']['sha256'][:16]}...) downloaded to {out.relative_to(REPO)}; "
+                f"{status['output']['sha256'][:16]}...) downloaded to {out}; "
                 f"timings {status.get('timings')}"
             )
             print("   (random weights: the video is noise; the pipeline is real)")
