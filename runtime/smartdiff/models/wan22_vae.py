@@ -42,6 +42,7 @@ from smartdiff.models.wan_vae import (
     _RESIDUAL_NAMES,
     CausalCache,
     CausalConv3d,
+    LatentNormalization,
     Resample,
     ResidualBlock,
     _head,
@@ -407,8 +408,10 @@ class Decoder3d(nn.Module):
 # --------------------------------------------------------------------------------- model
 
 
-class Wan22VAE(nn.Module):
+class Wan22VAE(LatentNormalization, nn.Module):
     """The Wan2.2 VAE; same interface as :class:`~smartdiff.models.wan_vae.WanVAE`."""
+
+    config: Wan22VAEConfig
 
     def __init__(self, config: Wan22VAEConfig) -> None:
         super().__init__()
@@ -498,22 +501,6 @@ class Wan22VAE(nn.Module):
                 f"Wan22VAE.decode produced {written} frames, expected {video.shape[2]}"
             )
         return video
-
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.config.latents_mean).view(shape).to(like.device, like.dtype)
-        std = torch.tensor(self.config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, 1.0 / std
-
-    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents -> DiT latents: ``(z - mean) * (1 / std)``."""
-        mean, inv_std = self._latent_stats(latents)
-        return (latents - mean) * inv_std
-
-    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """DiT latents -> raw VAE latents: ``z / (1 / std) + mean``."""
-        mean, inv_std = self._latent_stats(latents)
-        return latents / inv_std + mean
 
     @classmethod
     def from_checkpoint(

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -542,12 +542,51 @@ def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch
 # --------------------------------------------------------------------------------- model
 
 
-class WanVAE(nn.Module):
+class LatentStatsConfig(Protocol):
+    """What :class:`LatentNormalization` needs of a VAE config."""
+
+    @property
+    def z_dim(self) -> int: ...
+
+    @property
+    def latents_mean(self) -> tuple[float, ...]: ...
+
+    @property
+    def latents_std(self) -> tuple[float, ...]: ...
+
+
+class LatentNormalization:
+    """The published per-channel latent statistics, shared by the Wan2.1 and Wan2.2 VAEs:
+    raw VAE latents <-> the normalized latents the DiT denoises."""
+
+    config: LatentStatsConfig
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, 1 / std)`` shaped ``[1, z, 1, 1, 1]`` in the dtype and device of ``like``."""
+        shape = (1, self.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, 1.0 / std
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> DiT latents: ``(z - mean) * (1 / std)`` (official and diffusers)."""
+        mean, inv_std = self._latent_stats(latents)
+        return (latents - mean) * inv_std
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """DiT latents -> raw VAE latents: ``z / (1 / std) + mean``, as ``WanPipeline`` does."""
+        mean, inv_std = self._latent_stats(latents)
+        return latents / inv_std + mean
+
+
+class WanVAE(LatentNormalization, nn.Module):
     """The Wan2.1 VAE; see the module docstring for shapes and the chunked causal cache.
 
     ``conv1`` maps the encoder output to the posterior moments, ``conv2`` is applied to latents
     before the decoder (diffusers: ``quant_conv`` and ``post_quant_conv``).
     """
+
+    config: WanVAEConfig
 
     def __init__(self, config: WanVAEConfig) -> None:
         super().__init__()
@@ -644,23 +683,6 @@ class WanVAE(nn.Module):
                 f"WanVAE.decode produced {written} frames, expected {video.shape[2]}"
             )
         return video
-
-    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, 1 / std)`` shaped ``[1, z, 1, 1, 1]`` in the dtype and device of ``like``."""
-        shape = (1, self.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.config.latents_mean).view(shape).to(like.device, like.dtype)
-        std = torch.tensor(self.config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, 1.0 / std
-
-    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents -> DiT latents: ``(z - mean) * (1 / std)`` (official and diffusers)."""
-        mean, inv_std = self._latent_stats(latents)
-        return (latents - mean) * inv_std
-
-    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """DiT latents -> raw VAE latents: ``z / (1 / std) + mean``, as ``WanPipeline`` does."""
-        mean, inv_std = self._latent_stats(latents)
-        return latents / inv_std + mean
 
     @classmethod
     def from_checkpoint(
