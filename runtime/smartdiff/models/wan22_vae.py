@@ -51,6 +51,7 @@ from smartdiff.models.wan_vae import (
     _run_head,
     _run_middle,
     _swap_prefix,
+    check_vae_config,
 )
 
 if TYPE_CHECKING:
@@ -105,38 +106,11 @@ class Wan22VAEConfig:
     latents_std: tuple[float, ...] = WAN22_LATENTS_STD
 
     def __post_init__(self) -> None:
-        for name in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "patch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Wan22VAEConfig.{name} must be a positive integer, got {value!r}")
-        if not self.dim_mult or any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.dim_mult
-        ):
-            raise ValueError(
-                "Wan22VAEConfig.dim_mult must be a non-empty sequence of positive integers, "
-                f"got {self.dim_mult!r}"
-            )
-        if len(self.temperal_downsample) != len(self.dim_mult) - 1 or not all(
-            isinstance(flag, bool) for flag in self.temperal_downsample
-        ):
-            raise ValueError(
-                "Wan22VAEConfig.temperal_downsample must hold len(dim_mult) - 1 = "
-                f"{len(self.dim_mult) - 1} booleans, got {self.temperal_downsample!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Wan22VAEConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("latents_mean", "latents_std"):
-            values = getattr(self, name)
-            if len(values) != self.z_dim:
-                raise ValueError(
-                    f"Wan22VAEConfig.{name} must hold z_dim={self.z_dim} numbers, got {len(values)}"
-                )
-        if any(not std > 0.0 for std in self.latents_std):
-            raise ValueError(
-                f"Wan22VAEConfig.latents_std must be positive everywhere, got {self.latents_std!r}"
-            )
+        check_vae_config(
+            self,
+            "Wan22VAEConfig",
+            ("base_dim", "decoder_base_dim", "z_dim", "num_res_blocks", "patch_size"),
+        )
 
     @property
     def patch_channels(self) -> int:

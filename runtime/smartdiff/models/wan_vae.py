@@ -75,6 +75,53 @@ WAN21_LATENTS_STD: tuple[float, ...] = (
 ResampleMode = Literal["upsample2d", "upsample3d", "downsample2d", "downsample3d"]
 
 
+def check_vae_config(
+    config: Any,
+    kind: str,
+    positive_ints: tuple[str, ...],
+    extra_tuples: tuple[str, ...] = (),
+) -> None:
+    """Validate the fields the Wan VAE configs share (errors name ``kind.field`` and the value).
+
+    Lists (from YAML or JSON) are stored as tuples; ``positive_ints`` must be integers >= 1;
+    ``dim_mult`` positive integers; ``temperal_downsample`` one bool per down stage;
+    ``dropout`` in [0, 1); ``latents_mean``/``latents_std`` ``z_dim`` numbers, std > 0.
+    """
+    tuples = ("dim_mult", *extra_tuples, "temperal_downsample", "latents_mean", "latents_std")
+    for name in tuples:
+        object.__setattr__(config, name, tuple(getattr(config, name)))
+    for name in positive_ints:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{kind}.{name} must be a positive integer, got {value!r}")
+    dim_mult = config.dim_mult
+    if not dim_mult or any(
+        isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in dim_mult
+    ):
+        raise ValueError(
+            f"{kind}.dim_mult must be a non-empty sequence of positive integers, got {dim_mult!r}"
+        )
+    downsample = config.temperal_downsample
+    if len(downsample) != len(dim_mult) - 1 or not all(isinstance(f, bool) for f in downsample):
+        raise ValueError(
+            f"{kind}.temperal_downsample must hold len(dim_mult) - 1 = {len(dim_mult) - 1} "
+            f"booleans, got {downsample!r}"
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"{kind}.dropout must be in [0, 1), got {config.dropout!r}")
+    for name in ("latents_mean", "latents_std"):
+        values = getattr(config, name)
+        if len(values) != config.z_dim:
+            raise ValueError(
+                f"{kind}.{name} must hold z_dim={config.z_dim} numbers, got {len(values)}: "
+                f"{values!r}"
+            )
+    if any(not std > 0.0 for std in config.latents_std):
+        raise ValueError(
+            f"{kind}.latents_std must be positive everywhere, got {config.latents_std!r}"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class WanVAEConfig:
     """Architecture of a Wan2.1 VAE (the arguments of the official ``WanVAE_``).
@@ -103,49 +150,13 @@ class WanVAEConfig:
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
 
     def __post_init__(self) -> None:
-        for name in (
-            "dim_mult",
-            "attn_scales",
-            "temperal_downsample",
-            "latents_mean",
-            "latents_std",
-        ):  # accept lists (YAML, JSON) but store tuples
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("base_dim", "z_dim", "num_res_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"WanVAEConfig.{name} must be a positive integer, got {value!r}")
-        if not self.dim_mult or any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.dim_mult
-        ):
-            raise ValueError(
-                "WanVAEConfig.dim_mult must be a non-empty sequence of positive "
-                f"integers, got {self.dim_mult!r}"
-            )
+        check_vae_config(
+            self, "WanVAEConfig", ("base_dim", "z_dim", "num_res_blocks"), ("attn_scales",)
+        )
         if self.attn_scales:
             raise ValueError(
                 f"WanVAEConfig.attn_scales={self.attn_scales!r} is not supported: the published "
                 "Wan2.1 VAE has no attention outside the middle blocks (allowed: ())"
-            )
-        if len(self.temperal_downsample) != len(self.dim_mult) - 1 or not all(
-            isinstance(flag, bool) for flag in self.temperal_downsample
-        ):
-            raise ValueError(
-                "WanVAEConfig.temperal_downsample must hold len(dim_mult) - 1 = "
-                f"{len(self.dim_mult) - 1} booleans, got {self.temperal_downsample!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"WanVAEConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("latents_mean", "latents_std"):
-            values = getattr(self, name)
-            if len(values) != self.z_dim:
-                raise ValueError(
-                    f"WanVAEConfig.{name} must hold z_dim={self.z_dim} numbers, got "
-                    f"{len(values)}: {values!r}"
-                )
-        if any(not std > 0.0 for std in self.latents_std):
-            raise ValueError(
-                f"WanVAEConfig.latents_std must be positive everywhere, got {self.latents_std!r}"
             )
 
     @property
