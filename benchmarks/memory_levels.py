@@ -11,11 +11,13 @@ Two parts (``--part levels vae``, both by default), one JSON file (command, GPU,
   memory; plus the resident memory after loading.
 - ``vae``: decode of random raw latents for 1280x720x81 (``--vae wan2.1``; ``wan2.2`` adds the
   TI2V-5B VAE at 1280x704x121): our untiled decode, our tiled decode (default
-  ``VAETiling``: exact halos, 768-pixel tiles), the same without halos, frame by frame only,
-  and diffusers' ``AutoencoderKLWan`` with the same weights untiled and tiled (skipped, and
-  said so, when diffusers is not installed). Seconds (median of ``--iters`` after a warm-up),
+  ``VAETiling``: exact halos, 768-pixel tiles, 2 frames per stage call), the same with 1 frame
+  per call, without halos, 1 frame per call without tiles, and diffusers'
+  ``AutoencoderKLWan`` with the same weights untiled and tiled (skipped, and said so, when
+  diffusers is not installed). Seconds (median of ``--iters`` after a warm-up),
   peak allocated memory and its increase over the resident weights and latents, and each
-  output's relative error against our untiled decode.
+  output's relative error against our untiled decode. On CUDA our VAE runs with its fused
+  norm + SiLU, as the backend builds it.
 
     python benchmarks/memory_levels.py --part vae --iters 3
     python benchmarks/memory_levels.py --part levels --models 14b a14b
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO / "runtime"))
 
 from smartdiff.models.vae_tiling import VAETiling  # noqa: E402
 from smartdiff.models.wan22_vae import Wan22VAE, Wan22VAEConfig  # noqa: E402
-from smartdiff.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
+from smartdiff.models.wan_vae import WanVAE, WanVAEConfig, fuse_norm_silu  # noqa: E402
 
 GIB = float(1 << 30)
 MODELS = {
@@ -132,6 +134,8 @@ def build_backend(
             dit_2.fuse_elementwise()
     vae_class = Wan22VAE if isinstance(config.vae, Wan22VAEConfig) else WanVAE
     vae = build_on(lambda: vae_class(config.vae), device, dtype, seed + 1)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        fuse_norm_silu(vae)
     from transformers import UMT5EncoderModel
 
     encoder = build_on(
@@ -287,6 +291,8 @@ def run_vae(
         config, (width, height, frames) = Wan22VAEConfig(), (1280, 704, 121)
     vae_class = Wan22VAE if isinstance(config, Wan22VAEConfig) else WanVAE
     vae: Any = build_on(lambda: vae_class(config), device, dtype, args.seed)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        fuse_norm_silu(vae)  # as the backend does on CUDA
     s, r = config.spatial_compression, config.temporal_compression
     shape = (1, config.z_dim, (frames - 1) // r + 1, height // s, width // s)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -294,9 +300,10 @@ def run_vae(
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "ours_untiled": lambda: vae.decode(latents, None),
         "ours_tiled": lambda: vae.decode(latents, VAETiling()),
+        "ours_tiled_stage_frames_1": lambda: vae.decode(latents, VAETiling(stage_frames=1)),
         "ours_tiled_no_halo": lambda: vae.decode(latents, VAETiling(exact=False)),
-        "ours_frame_by_frame_only": lambda: vae.decode(
-            latents, VAETiling(tile_size=1 << 16, overlap=0)
+        "ours_stage_frames_1_only": lambda: vae.decode(
+            latents, VAETiling(tile_size=1 << 16, overlap=0, stage_frames=1)
         ),
     }
     reference: Any = diffusers_vae(vae, dtype)

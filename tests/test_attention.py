@@ -347,17 +347,19 @@ def test_triton_kernels_match_their_emulation_in_the_interpreter() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    # Same quantization and scores: the LSE agrees to float rounding. The outputs differ by
-    # the interpreter's float conversions, which truncate where GPUs round to nearest (bf16)
-    # or drop a carry (fp8): a wrong index or scale would be off by O(1).
+    # Same quantization and scores: the LSE agrees to within one unit of the integer dot
+    # product (the kernel removes the int->float offset in the key scale's multiply-add, which
+    # the interpreter does not fuse: ~1.5e-4 here). The outputs differ by the interpreter's
+    # float conversions, which truncate where GPUs round to nearest (bf16) or drop a carry
+    # (fp8): a wrong index or scale would be off by O(1).
     for name in ("bf16", "bf16_blocks"):
         error, lse_error, shape, stride = result[name]
-        assert error < 1.5e-2 and lse_error < 1e-4, (name, result[name])
+        assert error < 1.5e-2 and lse_error < 4e-4, (name, result[name])
         assert shape == [1, 2, 200, 64] and stride == [25600, 64, 128, 1]  # [B, S, H, D] memory
-    assert result["fp8"][0] < 0.12 and result["fp8"][1] < 1e-4
+    assert result["fp8"][0] < 0.12 and result["fp8"][1] < 4e-4
     sparse_error, sparse_lse_error, density = result["sparse"]
     assert density == 0.5  # each query block computes 2 of its 4 key tiles
-    assert sparse_error < 1.5e-2 and sparse_lse_error < 1e-4
+    assert sparse_error < 1.5e-2 and sparse_lse_error < 4e-4
 
 
 @triton_missing

@@ -23,9 +23,11 @@ from typing import Any, Final
 import triton
 import triton.language as tl
 
+from smartdiff.attention.quantization import P_SHIFT_FP8
 from smartdiff.attention.sparsity import SPARSE_K_BLOCK, SPARSE_Q_BLOCK
 
 INTERPRETED: Final = os.environ.get("TRITON_INTERPRET") == "1"
+P_SHIFT: tl.constexpr = tl.constexpr(P_SHIFT_FP8)  # FP8 PV: P scaled by 2^P_SHIFT (quantization)
 
 
 @triton.jit
@@ -81,6 +83,9 @@ def quantize_kernel(
         )
     amax = tl.max(tl.reshape(tl.abs(x), (ROWS // SCALE_ROWS, SCALE_ROWS * HEAD_DIM)), axis=1)
     scale = tl.maximum(amax, 1e-20) / 127.0
+    # 21 significant bits, so that the attention kernel's -1.5 * 2^23 * scale is exact
+    # (quantization.short_mantissa)
+    scale = (scale.to(tl.int32, bitcast=True) & -8).to(tl.float32, bitcast=True)
     row_scale = tl.reshape(
         tl.broadcast_to(scale[:, None], (ROWS // SCALE_ROWS, SCALE_ROWS)), (ROWS,)
     )
@@ -161,20 +166,26 @@ def attend_tile(
         k_scale = tl.load(ks_base + offs_n)
         v = tl.load(v_ptrs)
     # int32 -> fp32 without the quarter-rate I2F instruction: |dot| <= 127^2 * 128 < 2^22, so
-    # adding the bits of 1.5 * 2^23 gives a float equal to 1.5 * 2^23 + dot, exactly.
+    # adding the bits of 1.5 * 2^23 gives a float equal to 1.5 * 2^23 + dot, exactly. The
+    # offset comes off in the key scale's multiply-add: k_scale has 21 significant bits
+    # (quantize_kernel), so -1.5 * 2^23 * k_scale is exact and t is dot * k_scale rounded once.
     dot = tl.dot(q, tl.trans(k)) + 0x4B400000
-    t = (dot.to(tl.float32, bitcast=True) - 12582912.0) * k_scale[None, :]
+    t = tl.fma(dot.to(tl.float32, bitcast=True), k_scale[None, :], (k_scale * -12582912.0)[None, :])
     if MASKED:
         t = tl.where(valid[None, :], t, float("-inf"))
     # The scores are t * q_scale (q_scale > 0): scale the row max, not every score, and let
-    # the scaling fuse into the exponent's multiply-add.
+    # the scaling fuse into the exponent's multiply-add. With FP8 PV the probabilities are
+    # made 2^P_SHIFT times larger in the same multiply-add (their sum too: it cancels).
     m_new = tl.maximum(m_i, tl.max(t, axis=1) * q_scale)
-    p = tl.math.exp2(t * q_scale[:, None] - m_new[:, None])
+    if PV_FP8:
+        p = tl.math.exp2(t * q_scale[:, None] - (m_new - P_SHIFT)[:, None])
+    else:
+        p = tl.math.exp2(t * q_scale[:, None] - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if PV_FP8:
-        acc += tl.dot((p * 448.0).to(tl.float8e4nv), v)
+        acc += tl.dot(p.to(tl.float8e4nv), v)
     elif EMULATED_DOT:  # Triton's interpreter gets 16-bit float dots wrong: same math in fp32
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
@@ -304,15 +315,17 @@ def attention_kernel(
                 EMULATED_DOT,
             )
     total = tl.where(l_i > 0, l_i, 1.0)
-    if PV_FP8:
+    if PV_FP8:  # acc and total both carry the factor 2^P_SHIFT
         v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d)
         v_mean = tl.load(v_mean_ptr + bh * HEAD_DIM + offs_d)
-        out = acc * (v_scale[None, :] / 448.0) / total[:, None] + v_mean[None, :]
+        out = acc * v_scale[None, :] / total[:, None] + v_mean[None, :]
     else:
         out = acc / total[:, None]
     dst = out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     lse2 = m_i + tl.math.log2(total)
+    if PV_FP8:
+        lse2 -= P_SHIFT
     if SMOOTH_K:  # the scores were shifted by q . mean(K): shift the LSE back
         lse2 += tl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
     tl.store(lse_ptr + bh * seq_q + offs_m, lse2 * 0.6931471805599453, mask=row_ok)

@@ -17,8 +17,8 @@ The method (in the spirit of SageAttention, written from the paper's description
 3. **Online softmax** in fp32 with ``exp2``.
 4. **PV** in BF16 (P rounded to the value dtype), or in **FP8 e4m3**: V smoothed (its per-head
    mean over the tokens subtracted, then added back to the output: the rows of P sum to one),
-   one scale per channel (``max_tokens |v| / 448``); P scaled by 448 (e4m3's largest value,
-   P <= 1); products accumulated in fp32 and rescaled at the end.
+   one scale per channel (``max_tokens |v| / 448``); P scaled by ``2^8.78`` (just under
+   e4m3's largest value, 448; P <= 1); products accumulated in fp32 and rescaled at the end.
 
 Scales are stored per token (each row carries its block's scale), so a kernel's tile size and
 the quantization block size are independent, and a finer block costs the kernel nothing: the
@@ -49,6 +49,11 @@ K_BLOCK: Final = 1  # key rows sharing one INT8 scale
 LOG2E: Final = 1.4426950408889634
 LN2: Final = 0.6931471805599453
 SCALE_FLOOR: Final = 1e-20  # an all-zero block quantizes to zeros with this scale
+# FP8 PV: P (<= 1) is scaled by 2^8.78 = 439.4 before its e4m3 cast, just under e4m3's largest
+# value, so the kernel can fold the scaling into its exp2 (whose last-bit error must not
+# overflow 448).
+P_SHIFT_FP8: Final = 8.78
+P_SCALE_FP8: Final = 2.0**P_SHIFT_FP8
 
 
 @dataclass(frozen=True)
@@ -93,10 +98,21 @@ def quantize_per_block(
     blocks = math.ceil(tokens / block)
     padded = torch.nn.functional.pad(values, (0, 0, 0, blocks * block - tokens))
     amax = padded.reshape(batch, heads, blocks, block * dim).abs().amax(dim=-1)
-    scale = amax.clamp_min(SCALE_FLOOR) / INT8_MAX  # [B, H, blocks]
+    scale = short_mantissa(amax.clamp_min(SCALE_FLOOR) / INT8_MAX)  # [B, H, blocks]
     per_token = scale.repeat_interleave(block, dim=-1)[..., :tokens]
     quantized = round_half_away(values / per_token[..., None]).clamp(-INT8_MAX, INT8_MAX)
     return QuantizedTensor(values=quantized, scale=per_token)
+
+
+def short_mantissa(scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``scale`` with its 3 lowest mantissa bits cleared (21 significant bits).
+
+    The kernel turns the integer dot product ``d`` into a score as
+    ``fma(float(C + d), scale, -C * scale)`` with ``C = 1.5 * 2^23`` (see ``int8_kernels``);
+    ``-C * scale`` is exact in fp32 only when ``scale`` has at most 21 significant bits, and then
+    the score is ``d * scale`` rounded once. The relative change of the scale (< 2^-20) is far
+    below INT8's resolution."""
+    return (scale.float().view(torch.int32) & -8).view(torch.float32)
 
 
 def value_scale_fp8(v: torch.Tensor) -> torch.Tensor:
@@ -149,8 +165,8 @@ def int8_attention_reference(
         v_centered = v.float() - v_mean
         v_scale = value_scale_fp8(v_centered)  # [B, H, D]
         v8 = to_fp8(v_centered / v_scale[:, :, None, :])
-        out = torch.matmul(to_fp8(probs * FP8_MAX), v8)
-        out = out / (FP8_MAX * total[..., None]) * v_scale[:, :, None, :] + v_mean
+        out = torch.matmul(to_fp8(probs * P_SCALE_FP8), v8)
+        out = out / (P_SCALE_FP8 * total[..., None]) * v_scale[:, :, None, :] + v_mean
     else:
         out = torch.matmul(probs.to(v.dtype).float(), v.float()) / total[..., None]
     lse2 = row_max[..., 0] + torch.log2(total)

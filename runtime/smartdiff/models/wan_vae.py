@@ -42,9 +42,10 @@ preallocated output.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -289,11 +290,35 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
+        # norm then SiLU in one kernel (WanVAE.fuse_elementwise), else None: op by op
+        self.fused_silu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_precision = x.dtype in (torch.float16, torch.bfloat16)
         normed = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
         return normed.mul_(self.scale).mul_(self.gamma)
+
+
+def _norm_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``SiLU(F.normalize(x) * weight)`` in fp32 (``weight``: the norm's ``gamma * sqrt(dim)``,
+    fp32), returned in ``x``'s dtype: one rounding instead of the eager path's three; compiled
+    into one kernel by :func:`compiled_norm_silu`."""
+    return F.silu(F.normalize(x.float(), dim=1) * weight).to(x.dtype)
+
+
+@functools.cache
+def compiled_norm_silu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The fused norm + SiLU (compiled lazily, once per process; any tile size)."""
+    return torch.compile(_norm_silu, dynamic=True, fullgraph=True)
+
+
+def norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``SiLU(norm(x))``: fused when the norm has a fused version, else op by op."""
+    if norm.fused_silu is not None:  # flattened: one compiled kernel for 1, 2 or 4 frames
+        b, c = x.shape[:2]
+        weight = (norm.gamma.float() * norm.scale).view(c, 1)
+        return norm.fused_silu(x.reshape(b, c, -1), weight).view(x.shape)
+    return F.silu(norm(x), inplace=True)
 
 
 class FrameUpsample(nn.Module):
@@ -344,9 +369,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        norm1, act1, conv1, norm2, act2, dropout, conv2 = self.residual
-        h = conv1(act1(norm1(x)), cache)
-        h = conv2(dropout(act2(norm2(h))), cache)
+        norm1, _, conv1, norm2, _, dropout, conv2 = self.residual
+        h = conv1(norm_silu(norm1, x), cache)
+        h = conv2(dropout(norm_silu(norm2, h)), cache)
         return h.add_(self.shortcut(x))
 
 
@@ -546,8 +571,18 @@ def _run_middle(middle: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> t
 
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-    norm, act, conv = head
-    return conv(act(norm(x)), cache)
+    norm, _, conv = head
+    return conv(norm_silu(norm, x), cache)
+
+
+def fuse_norm_silu(model: nn.Module, enabled: bool = True) -> None:
+    """Make every 5D RMSNorm of ``model`` (each is followed by a SiLU) run fused with its SiLU:
+    1.17x on the Wan2.1 decode at 1280x720x81 on an H200 (3.45 s vs 4.04 s); same math in fp32,
+    rounded once (bf16 outputs differ from the op-by-op path by bf16 rounding)."""
+    fused = compiled_norm_silu() if enabled else None
+    for module in model.modules():
+        if isinstance(module, RMSNorm) and module.gamma.dim() == 4:
+            module.fused_silu = fused
 
 
 # --------------------------------------------------------------------------------- model
