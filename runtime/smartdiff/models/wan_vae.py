@@ -312,8 +312,10 @@ def compiled_norm_silu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return torch.compile(_norm_silu, dynamic=True, fullgraph=True)
 
 
-def norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """``SiLU(norm(x))``: fused when the norm has a fused version, else op by op."""
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``SiLU(norm(x))`` for an :class:`RMSNorm`: fused when it has a fused version, else op by
+    op."""
+    assert isinstance(norm, RMSNorm)
     if norm.fused_silu is not None:  # flattened: one compiled kernel for 1, 2 or 4 frames
         b, c = x.shape[:2]
         weight = (norm.gamma.float() * norm.scale).view(c, 1)
