@@ -31,6 +31,7 @@ from smartdiff.engine.generator import CfgMode, Generator, GeneratorOptions
 from smartdiff.engine.request import check_request
 from smartdiff.engine.task import Task
 from smartdiff.models.wan_dit import WanDiTConfig
+from smartdiff.samplers import SamplerConfig, make_sampler
 
 TINY = "wan-tiny-random"
 POLICIES = ("teacache", "pab", "fbcache")
@@ -273,3 +274,55 @@ def test_pab_schedule() -> None:
     ]
     assert PabConfig.from_threshold(0.0) == PabConfig(self_range=1, cross_range=1)
     assert PabConfig.from_threshold(3.7) == PabConfig(self_range=3, cross_range=9)
+
+
+# ------------------------------------------------------------------- two experts (A14B)
+
+A14B = "wan22-a14b-tiny-random"
+
+
+@pytest.fixture(scope="module")
+def a14b() -> Iterator[Backend]:
+    yield Backend.from_params(A14B, SystemParams(device="cpu", dtype="float32"))
+
+
+def generate_two_experts(
+    backend: Backend, policy: str, threshold: float | None
+) -> tuple[torch.Tensor, list[Any], list[int]]:
+    """One A14B task; each expert's cache (as attached during the task) and the plan."""
+    seen: list[Any] = [None, None]
+
+    def on_step(task: Task, step: int, total: int) -> None:
+        for expert in (0, 1):
+            cache = backend.expert(expert).step_cache
+            if cache is not None:
+                seen[expert] = cache
+
+    user = params(policy, threshold, model=A14B, steps=10, shift=1.0, guidance_scale_2=3.0)
+    task = Task(user)
+    task.start()
+    generator = Generator(backend)
+    video = generator.generate(task, on_step)
+    assert backend.expert(0).step_cache is None and backend.expert(1).step_cache is None
+    plan = generator.expert_schedule(task).plan(
+        make_sampler(user.solver, SamplerConfig(num_steps=10, shift=1.0)).timesteps.tolist()
+    )
+    return video, seen, [step.expert for step in plan]
+
+
+def test_each_expert_has_its_own_cache(a14b: Backend) -> None:
+    exact, none_seen, experts = generate_two_experts(a14b, "none", None)
+    assert none_seen == [None, None]
+    high, low = experts.count(0), experts.count(1)
+    assert high >= 2 and low >= 2, experts  # both experts run several steps
+    video, seen, _ = generate_two_experts(a14b, "teacache", 0.0)
+    assert torch.equal(video, exact)  # threshold 0: bit-identical with two experts too
+    assert seen[0] is not seen[1]
+    assert seen[0].stats.forwards == 2 * high and seen[1].stats.forwards == 2 * low
+    # A huge threshold: each expert computes its own first step (nothing reused across the
+    # switch) and the retention steps (the first five of the task), then skips the rest.
+    _, seen, _ = generate_two_experts(a14b, "teacache", 1e6)
+    first_low = experts.index(1)
+    computed_low = max(1, 5 - first_low)
+    assert seen[1].stats.skipped == 2 * (low - computed_low) > 0
+    assert seen[0].stats.skipped == 2 * max(0, high - 5)

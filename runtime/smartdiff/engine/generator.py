@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -177,18 +177,24 @@ class Generator:
         timesteps = sampler.timesteps.to(self.backend.device)
         total = len(timesteps)
         plan = self.expert_schedule(task).plan(sampler.timesteps.tolist())
-        # A fresh step cache per task (FlexCache; None for policy "none"), attached to the DiT
-        # for this loop only, so nothing crosses requests.
+        # A fresh step cache per task and expert (FlexCache; None for policy "none"), attached
+        # to each expert's DiT for this loop only, so nothing crosses requests or experts (an
+        # expert's first step computes in full: nothing of the other expert is reused).
         groups = self.backend.groups
         reduce = (
             sum_over_group(groups.sequence_group)
             if groups is not None and groups.sequence_size > 1
             else None
         )
-        cache = make_step_cache(
-            p.cache.policy, p.cache.threshold, self.backend.model.dit, reduce=reduce
-        )
-        with self._timed(task, "denoise"), attached(self.backend.dit, cache):
+        caches = [
+            make_step_cache(
+                p.cache.policy, p.cache.threshold, self.backend.model.dit, reduce=reduce
+            )
+            for _ in range(self.backend.num_experts)
+        ]
+        with self._timed(task, "denoise"), ExitStack() as attachments:
+            for expert, expert_cache in enumerate(caches):
+                attachments.enter_context(attached(self.backend.expert(expert), expert_cache))
             assert task.seed is not None  # set by Task.__post_init__
             if groups is not None:  # a seed drawn per rank would differ: rank 0's wins
                 task.seed = groups.share(task.seed)
@@ -197,9 +203,10 @@ class Generator:
             task.set_progress(0, total)
             for index in range(total):
                 task.raise_if_cancelled()
+                step = plan[index]
+                cache = caches[step.expert]
                 if cache is not None:
                     cache.begin_step(index, total, float(sampler.timesteps[index]))
-                step = plan[index]
                 self.backend.activate_expert(step.expert)  # memory level 3 swaps experts
                 model_input, timestep = latents, timesteps[index]
                 if condition is not None:
@@ -219,8 +226,10 @@ class Generator:
                 task.set_progress(index + 1, total)
                 if on_step is not None:
                     on_step(task, index + 1, total)
-        if cache is not None:
-            LOG.info("task %s: %s", task.id, cache.describe())
+        for expert, expert_cache in enumerate(caches):
+            if expert_cache is not None:
+                suffix = f" (expert {expert})" if len(caches) > 1 else ""
+                LOG.info("task %s: %s%s", task.id, expert_cache.describe(), suffix)
 
     def predict_noise(
         self,
