@@ -19,7 +19,8 @@ Page-cache states: ``cold`` (the files' cached pages dropped before each load: `
 ``posix_fadvise(DONTNEED)`` on each file; the JSON records the page cache size before each load)
 and ``warm`` (the files read once just before). Each loaded model's checksum over a few
 tensors must agree between loaders. Writes JSON (command, device, versions, sizes, timings)
-under benchmarks/results/.
+under benchmarks/results/, rewritten after every load with ``"complete": false`` until the end,
+so a run stopped early keeps what it measured.
 
 Disk: each layout takes (parameters x stored dtype) bytes: 28.6 GB for the 14B in bf16, 57 GB
 in fp32 (the release's dtype). When the work folder cannot hold both, layouts are written,
@@ -279,8 +280,11 @@ def time_loaders(
     repeats: int,
     device: torch.device,
     results: dict[str, Any],
+    after_each: Callable[[], None] = lambda: None,
 ) -> None:
-    """Alternate the loaders; append seconds, checksums and errors into ``results``."""
+    """Alternate the loaders; append seconds, checksums and errors into ``results``;
+    ``after_each`` runs after every load (the report is rewritten: a run stopped early keeps
+    what it measured)."""
     for cache in caches:
         for _ in range(repeats):
             for name, (load, keys) in runs.items():
@@ -309,6 +313,7 @@ def time_loaders(
                 entry["device"] = str(next(model.parameters()).device)
                 del model
                 print(f"{name:>22} {cache}: {seconds:7.2f} s", flush=True)
+                after_each()
 
 
 # -------------------------------------------------------------------------- main
@@ -414,6 +419,44 @@ def main() -> None:
     generator_device = device if device.type == "cuda" else torch.device("cpu")
     results: dict[str, Any] = {}
     write_seconds: dict[str, float] = {}
+    out = args.out or REPO / "benchmarks" / "results" / f"load_time_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import diffusers
+    import safetensors
+
+    gpu = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+
+    def write_report(complete: bool) -> None:
+        """(Re)write the JSON with what is measured so far (``complete``: all of it)."""
+        summarize(results, weight_bytes)
+        report = {
+            "command": "python " + " ".join(sys.argv),
+            "complete": complete,
+            "gpu": gpu,
+            "device": str(device),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "safetensors": safetensors.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": name,
+            "parameters": params,
+            "stored_dtype": args.stored_dtype,
+            "compute_dtype": args.dtype,
+            "weight_bytes": weight_bytes,
+            "shards": len(shards),
+            "mode": mode,
+            "workdir": str(args.workdir),
+            "write_seconds": write_seconds,
+            "repeats": args.repeats,
+            "results": results,
+        }
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
     files: dict[str, list[Path]] = {}
     paths: dict[str, Path] = {}
     try:
@@ -435,43 +478,15 @@ def main() -> None:
                 diffusers_dir / "transformer",
                 only,
             )
-            time_loaders(runs, files, args.cache, args.repeats, device, results)
+            time_loaders(
+                runs, files, args.cache, args.repeats, device, results, lambda: write_report(False)
+            )
             if only is not None and not args.keep:
                 shutil.rmtree(official_dir if only == "official" else diffusers_dir)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    summarize(results, weight_bytes)
-
-    import diffusers
-    import safetensors
-
-    gpu = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "gpu": gpu,
-        "device": str(device),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": name,
-        "parameters": params,
-        "stored_dtype": args.stored_dtype,
-        "compute_dtype": args.dtype,
-        "weight_bytes": weight_bytes,
-        "shards": len(shards),
-        "mode": mode,
-        "workdir": str(args.workdir),
-        "write_seconds": write_seconds,
-        "repeats": args.repeats,
-        "results": results,
-    }
+    write_report(True)
     for loader, entry in results.items():
         for cache, seconds in entry.get("median_seconds", {}).items():
             speed = entry.get("ours_speedup", {}).get(cache)
@@ -480,9 +495,6 @@ def main() -> None:
                 f"{loader:>22} {cache}: median {seconds:.2f} s, "
                 f"{entry['gb_per_s'][cache]} GB/s{note}"
             )
-    out = args.out or REPO / "benchmarks" / "results" / f"load_time_{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 
