@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smartdiff.io.checkpoints import CheckpointError, load_strict
+from smartdiff.io.checkpoints import CheckpointError
 from smartdiff.models.wan_vae import (
     _FIXED_NAMES,
     _RESIDUAL_NAMES,
@@ -52,6 +52,8 @@ from smartdiff.models.wan_vae import (
     _run_middle,
     _swap_prefix,
     check_vae_config,
+    decode_chunks,
+    load_vae_weights,
 )
 
 if TYPE_CHECKING:
@@ -463,18 +465,9 @@ class Wan22VAE(LatentNormalization, nn.Module):
                 tiling=tiling,
                 finish=lambda frames: unpatchify(frames, p),
             )
-        cache = CausalCache()
-        written = 0
-        for i in range(t):
-            cache.start_chunk()
-            frames = unpatchify(self.decoder(x[:, :, i : i + 1], cache, i == 0), p)
-            video[:, :, written : written + frames.shape[2]] = frames.clamp_(-1.0, 1.0)
-            written += frames.shape[2]
-        if written != video.shape[2]:
-            raise RuntimeError(
-                f"Wan22VAE.decode produced {written} frames, expected {video.shape[2]}"
-            )
-        return video
+        return decode_chunks(
+            lambda chunk, cache, i: unpatchify(self.decoder(chunk, cache, i == 0), p), x, video
+        )
 
     @classmethod
     def from_checkpoint(
@@ -489,13 +482,7 @@ class Wan22VAE(LatentNormalization, nn.Module):
         diffusers ``vae/`` folder / safetensors file (diffusers naming)."""
         with torch.device("meta"):
             model = cls(config).to(dtype)
-        state_dict = convert_state_dict(_read_weights(Path(path)))
-        targets = model.state_dict(keep_vars=True)
-        for key in list(state_dict):
-            if key in targets and state_dict[key].shape == targets[key].shape:
-                state_dict[key] = state_dict[key].to(device=device, dtype=targets[key].dtype)
-        load_strict(model, state_dict, source=str(path))
-        return model.eval().requires_grad_(False)
+        return load_vae_weights(model, convert_state_dict(_read_weights(Path(path))), path, device)
 
 
 # -------------------------------------------------------------------- checkpoint naming

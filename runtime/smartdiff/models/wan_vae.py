@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -719,18 +719,7 @@ class WanVAE(LatentNormalization, nn.Module):
             from smartdiff.models.vae_tiling import decode_tiled
 
             return decode_tiled(self.decoder, x, video, scale=s, tiling=tiling)
-        cache = CausalCache()
-        written = 0
-        for i in range(t):
-            cache.start_chunk()
-            frames = self.decoder(x[:, :, i : i + 1], cache).clamp_(-1.0, 1.0)
-            video[:, :, written : written + frames.shape[2]] = frames
-            written += frames.shape[2]
-        if written != video.shape[2]:
-            raise RuntimeError(
-                f"WanVAE.decode produced {written} frames, expected {video.shape[2]}"
-            )
-        return video
+        return decode_chunks(lambda chunk, cache, _: self.decoder(chunk, cache), x, video)
 
     @classmethod
     def from_checkpoint(
@@ -748,13 +737,47 @@ class WanVAE(LatentNormalization, nn.Module):
         """
         with torch.device("meta"):
             model = cls(config).to(dtype)
-        state_dict = convert_state_dict(_read_weights(Path(path)))
-        targets = model.state_dict(keep_vars=True)
-        for key in list(state_dict):  # move one by one: the host copy is freed as we go
-            if key in targets and state_dict[key].shape == targets[key].shape:
-                state_dict[key] = state_dict[key].to(device=device, dtype=targets[key].dtype)
-        load_strict(model, state_dict, source=str(path))
-        return model.eval().requires_grad_(False)
+        return load_vae_weights(model, convert_state_dict(_read_weights(Path(path))), path, device)
+
+
+def decode_chunks(
+    step: Callable[[torch.Tensor, CausalCache, int], torch.Tensor],
+    x: torch.Tensor,
+    video: torch.Tensor,
+) -> torch.Tensor:
+    """The untiled decode: ``step(x[:, :, i : i + 1], cache, i)`` for every latent frame ``i``
+    with one causal cache, its frames clamped to [-1, 1] and written in order into ``video``
+    (preallocated, returned)."""
+    cache = CausalCache()
+    written = 0
+    for i in range(x.shape[2]):
+        cache.start_chunk()
+        frames = step(x[:, :, i : i + 1], cache, i).clamp_(-1.0, 1.0)
+        video[:, :, written : written + frames.shape[2]] = frames
+        written += frames.shape[2]
+    if written != video.shape[2]:
+        raise RuntimeError(f"VAE decode produced {written} frames, expected {video.shape[2]}")
+    return video
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def load_vae_weights(
+    model: ModelT,
+    state_dict: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    device: str | torch.device,
+) -> ModelT:
+    """Load ``state_dict`` (our naming) strictly into ``model`` (built on the meta device),
+    each tensor moved to ``device`` in the model's dtype one by one (the host copy is freed
+    as we go); the model in eval mode without gradients."""
+    targets = model.state_dict(keep_vars=True)
+    for key in list(state_dict):
+        if key in targets and state_dict[key].shape == targets[key].shape:
+            state_dict[key] = state_dict[key].to(device=device, dtype=targets[key].dtype)
+    load_strict(model, state_dict, source=str(path))
+    return model.eval().requires_grad_(False)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
