@@ -56,8 +56,9 @@ class VAETiling:
         stage_frames: frames per call of the layers after each temporal up-sampler (exact
             whatever the value): 2 (default) halves the working set of the full-resolution
             layers against the untiled decode's 4-frame chunks; 1 lowers it further but runs
-            smaller, slower convolutions (1280x720x81 on an H200: 4.48 s vs 3.94 s, peak
-            5.2 vs 6.0 GiB with two tiles); 0 keeps the chunks as the up-samplers produce them.
+            smaller, slower convolutions (1280x720x81 on an H200, two tiles: 4.47 s and
+            4.4 GiB peak vs 3.90 s and 5.1 GiB, benchmarks/results/memory_levels_vae_h200.json);
+            0 keeps the chunks as the up-samplers produce them.
     """
 
     tile_size: int = 768
