@@ -227,6 +227,39 @@ def main() -> None:
             "timings": exact["timings"],
         }
     ]
+    report: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "weights": "RANDOM (seeded); fidelity measured on random weights, not a trained model",
+        "text_encoder": "model's own (tiny)"
+        if args.tiny
+        else "seeded random prompt embeddings (stand-in for UMT5-XXL)",
+        "model": config.name,
+        "request": {
+            **size,
+            "steps": steps,
+            "guidance_scale": defaults.guidance_scale,
+            "shift": defaults.shift,
+            "solver": defaults.solver,
+            "seed": args.seed,
+            "attention": args.attention,
+            "dtype": "float32" if args.tiny else "bfloat16",
+            "cfg_mode": "sequential",
+        },
+        "results": results,
+        "complete": False,
+    }
+    slug = "cpu-tiny" if args.tiny else str(gpu).lower().replace("nvidia ", "").replace(" ", "-")
+    out = args.out or REPO / "benchmarks" / "results" / f"cache_e2e_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    write()
     device = backend.device
     reference_frames = torch.from_numpy(exact_frames)
     for policy in args.policies:
@@ -253,35 +286,9 @@ def main() -> None:
         }
         results.append(entry)
         print(json.dumps({k: v for k, v in entry.items() if k != "timings"}), flush=True)
-
-    report = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "weights": "RANDOM (seeded); fidelity measured on random weights, not a trained model",
-        "text_encoder": "model's own (tiny)"
-        if args.tiny
-        else "seeded random prompt embeddings (stand-in for UMT5-XXL)",
-        "model": config.name,
-        "request": {
-            **size,
-            "steps": steps,
-            "guidance_scale": defaults.guidance_scale,
-            "shift": defaults.shift,
-            "solver": defaults.solver,
-            "seed": args.seed,
-            "attention": args.attention,
-            "dtype": "float32" if args.tiny else "bfloat16",
-            "cfg_mode": "sequential",
-        },
-        "results": results,
-    }
-    slug = "cpu-tiny" if args.tiny else str(gpu).lower().replace("nvidia ", "").replace(" ", "-")
-    out = args.out or REPO / "benchmarks" / "results" / f"cache_e2e_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        write()  # after every run: a run stopped early keeps its figures
+    report["complete"] = True
+    write()
     print(f"wrote {out}")
 
 
