@@ -1,0 +1,373 @@
+"""Prototype: our INT8 attention with explicitly pipelined Hopper wgmma (Gluon), measured.
+
+The shipped kernel (:mod:`smartdiff.attention.int8_kernels`) is plain Triton, and Triton 3.6
+waits for every wgmma right after issuing it (``wgmma.wait_group 0`` everywhere in its PTX), so
+the tensor cores sit idle during each tile's softmax; a scratch measurement with the exponent
+removed altogether reached only 1.10x cuDNN. This file is the first step toward the
+FA3-style schedule that the issue's 1.5x goal needs: the same math (INT8 Q and K with per-token
+scales, K smoothing, the int->float offset folded into the key scale, online base-2 softmax,
+BF16 PV), written in Gluon with
+
+- Q, K and V tiles brought in by TMA into a ``STAGES``-deep shared-memory ring (mbarriers);
+- the next tile's QK^T wgmma issued before this tile's softmax, so the tensor cores work
+  during the softmax; it is waited for together with this tile's PV at the end of the
+  iteration. (Keeping PV in flight across the loop's back edge, FA3's other overlap, makes
+  ptxas serialize every wgmma -- warning C7514, the loop-carried accumulator is copied -- so
+  that needs the loop unrolled by two or a warp-specialized producer/consumer split.)
+- the next tile's key scales loaded one tile ahead.
+
+It does not yet have FA3's producer warp, the PV overlap above, register reallocation or
+ping-pong between warpgroups. The kernel is NOT registered as a backend: it is slower than the
+shipped one -- H200, random inputs, TFLOP/s: 1.3B cuDNN 573, sd-int8 531, this 375 (64x64 tiles,
+4 warps); 14B 575, 564, 515 (``benchmarks/results/attention_wgmma_h200.json``) -- and it lives
+here, measured next to cuDNN and ``sd-int8`` on the same inputs, as the base for that work.
+Its outputs and LSE equal ``sd-int8``'s (same quantization; the JSON has the differences).
+
+    python benchmarks/attention_wgmma.py                      # 1.3B and 14B shapes, random
+    python benchmarks/attention_wgmma.py --shapes 14b --inputs smooth
+
+Needs an sm_90 GPU and Triton >= 3.6 (Gluon); torch. Writes JSON to ``--out`` (default
+``benchmarks/results/attention_wgmma_<gpu>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "runtime"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from attention import SHAPES, environment, make_inputs, reference_rows, timed  # noqa: E402
+
+from smartdiff.attention.int8_triton import K_ROWS, Q_ROWS, _quantize, int8_attention_lse  # noqa: E402
+from smartdiff.attention.quantization import LOG2E  # noqa: E402
+
+# (BLOCK_N, STAGES, num_warps); BLOCK_M = 16 * num_warps (one m16 row block per warp)
+CONFIGS = ((64, 3, 4), (64, 4, 4), (64, 3, 8), (128, 3, 8))
+
+
+@gluon.jit
+def key_scales(ks_ptr, key0, seq_k, COL: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The tile's key scales and the FMA addend that removes the int->float offset (``-inf``
+    past the last key, which masks the zero-filled rows TMA brings in)."""
+    offs_n = key0 + gl.arange(0, BLOCK_N, layout=COL)
+    valid = offs_n < seq_k
+    scale = gl.load(ks_ptr + offs_n, mask=valid, other=0.0)
+    return scale, gl.where(valid, scale * -12582912.0, float("-inf"))
+
+
+@gluon.jit
+def softmax_tile(s, scale, offset, q_scale, m_i, l_i, P_LAYOUT: gl.constexpr):
+    """int32 scores -> BF16 probabilities in the PV operand layout, and the new row state."""
+    t = gl.fma((s + 0x4B400000).to(gl.float32, bitcast=True), scale[None, :], offset[None, :])
+    m_new = gl.maximum(m_i, gl.max(t, axis=1) * q_scale)
+    p = gl.exp2(t * q_scale[:, None] - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return gl.convert_layout(p.to(gl.bfloat16), P_LAYOUT), alpha, m_new, l_i
+
+
+@gluon.jit
+def wgmma_attention_kernel(
+    q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr,
+    seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    off_m = pid_m * BLOCK_M
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    q_smem = gl.allocate_shared_memory(gl.int8, [1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(
+        v_desc.dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout
+    )
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    # Tile i of K and V goes to stage i % STAGES; its barrier phase is (i // STAGES) & 1.
+    n_tiles = gl.cdiv(seq_k, BLOCK_N)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, h, off_m, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        ok = i < n_tiles
+        mbarrier.expect(k_bars.index(i), k_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(
+            k_desc, [b, h, i * BLOCK_N, 0], k_bars.index(i), k_smem.index(i), pred=ok
+        )
+        mbarrier.expect(v_bars.index(i), v_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(
+            v_desc, [b, h, i * BLOCK_N, 0], v_bars.index(i), v_smem.index(i), pred=ok
+        )
+
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_s)
+    row_ok = offs_m < seq_q
+    q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
+    ks_base = ks_ptr + bh * seq_k
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    q_view = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(k_bars.index(0), 0)
+    s_tok = warpgroup_mma(
+        q_view,
+        k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+        gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout),
+        use_acc=False,
+        is_async=True,
+    )
+    scale, offset = key_scales(ks_base, 0, seq_k, col_s, BLOCK_N)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    for j in range(n_tiles - 1):
+        # Every warp is past QK^T of tile j and PV of tile j - 2: refill their stages.
+        if num_warps > 4:  # two warpgroups read the same tiles
+            gl.thread_barrier()
+        refill = j + STAGES
+        ok = refill < n_tiles
+        mbarrier.expect(k_bars.index(j % STAGES), k_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(
+            k_desc,
+            [b, h, refill * BLOCK_N, 0],
+            k_bars.index(j % STAGES),
+            k_smem.index(j % STAGES),
+            pred=ok,
+        )
+        refill = j - 2 + STAGES
+        ok = (j >= 2) & (refill < n_tiles)
+        freed = (j + STAGES - 2) % STAGES
+        mbarrier.expect(v_bars.index(freed), v_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(
+            v_desc, [b, h, refill * BLOCK_N, 0], v_bars.index(freed), v_smem.index(freed), pred=ok
+        )
+        stage = j % STAGES
+        nstage = (j + 1) % STAGES
+        # the next tile's QK^T runs on the tensor cores during this tile's softmax
+        mbarrier.wait(k_bars.index(nstage), ((j + 1) // STAGES) & 1)
+        s_tok = warpgroup_mma(
+            q_view,
+            k_smem.index(nstage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+            gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout),
+            use_acc=False,
+            is_async=True,
+        )
+        next_scale, next_offset = key_scales(ks_base, (j + 1) * BLOCK_N, seq_k, col_s, BLOCK_N)
+        p, alpha, m_i, l_i = softmax_tile(s, scale, offset, q_scale, m_i, l_i, p_layout)
+        scale, offset = next_scale, next_offset
+        acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous tile's PV is done
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        mbarrier.wait(v_bars.index(stage), (j // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc, s = warpgroup_mma_wait(0, deps=(acc, s_tok))
+    last = n_tiles - 1
+    p, alpha, m_i, l_i = softmax_tile(s, scale, offset, q_scale, m_i, l_i, p_layout)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(
+        p, v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True
+    )
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+
+    total = gl.where(l_i > 0, l_i, 1.0)
+    out = acc / gl.convert_layout(total, row_o)[:, None]
+    rows = off_m + gl.arange(0, BLOCK_M, layout=row_o)
+    cols = gl.arange(0, HEAD_DIM, layout=col_o)
+    dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
+    gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
+    shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    lse2 = m_i + gl.log2(total) + shift
+    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+def _descriptor(x: torch.Tensor, rows: int, dtype: Any) -> TensorDescriptor:
+    """A 4-D TMA descriptor over ``x [B, H, S, D]`` (any strides, channels contiguous): tiles
+    of ``rows`` tokens of one head; reads past ``S`` come back as zeros."""
+    block = [1, 1, rows, x.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def wgmma_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_n: int = 64,
+    stages: int = 3,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, Sq, D], lse [B, H, Sq])`` for bf16 ``q, k, v [B, H, S, D]``."""
+    if stages < 3:
+        raise ValueError(f"stages={stages}: V stages are refilled two tiles behind (allowed: >= 3)")
+    batch, heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    block_m = 16 * num_warps
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()
+    q8, q_scale, _, shift = _quantize(
+        q, Q_ROWS, 1, LOG2E / math.sqrt(dim), None, False, dot_mean=k_mean
+    )
+    k8, k_scale, _, _ = _quantize(k, K_ROWS, 1, 1.0, k_mean, False)
+    out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    wgmma_attention_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
+        _descriptor(q8, block_m, gl.int8),
+        _descriptor(k8, block_n, gl.int8),
+        _descriptor(v.contiguous() if v.stride(-1) != 1 else v, block_n, gl.bfloat16),
+        q_scale,
+        k_scale,
+        shift,
+        out,
+        lse,
+        seq_q,
+        seq_k,
+        heads,
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_DIM=dim,
+        STAGES=stages,
+        num_warps=num_warps,
+    )
+    return out.transpose(1, 2), lse
+
+
+def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda", 0)
+    heads, grid, dim = SHAPES[shape]
+    q, k, v = make_inputs(heads, grid, dim, kind, device, torch.bfloat16, args.seed)
+    seq = q.shape[2]
+    flops = 4 * seq * seq * dim * heads
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    rows = torch.randint(0, seq, (args.ref_rows,), device=device, generator=generator)
+    reference = reference_rows(q, k, v, rows)
+
+    def error(out: torch.Tensor) -> float:
+        return float((out[:, :, rows].float() - reference).norm() / reference.norm())
+
+    def median(fn: Any) -> float:
+        times = sorted(timed(fn, device, args.warmup, args.iters))
+        return times[len(times) // 2]
+
+    def cudnn() -> torch.Tensor:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    base = median(cudnn)
+    shipped_out, shipped_lse = int8_attention_lse(q, k, v)
+    shipped = median(lambda: int8_attention_lse(q, k, v))
+    entry: dict[str, Any] = {
+        "shape": shape,
+        "inputs": kind,
+        "heads": heads,
+        "tokens": seq,
+        "sdpa-cudnn": {"tflops": round(flops / base / 1e12, 1), "rel_error": error(cudnn())},
+        "sd-int8 (shipped)": {
+            "tflops": round(flops / shipped / 1e12, 1),
+            "speedup_vs_sdpa_cudnn": round(base / shipped, 3),
+            "rel_error": error(shipped_out),
+        },
+        "wgmma prototype": [],
+    }
+    print(f"{shape}/{kind}: cuDNN {flops / base / 1e12:.0f} TFLOP/s, sd-int8 "
+          f"{flops / shipped / 1e12:.0f}", flush=True)  # fmt: skip
+    for block_n, stages, warps in CONFIGS:
+        out, lse = wgmma_attention(q, k, v, block_n, stages, warps)
+        seconds = median(functools.partial(wgmma_attention, q, k, v, block_n, stages, warps))
+        result = {
+            "block_m": 16 * warps,
+            "block_n": block_n,
+            "stages": stages,
+            "num_warps": warps,
+            "tflops": round(flops / seconds / 1e12, 1),
+            "speedup_vs_sdpa_cudnn": round(base / seconds, 3),
+            "rel_error": error(out),
+            "max_abs_diff_vs_sd_int8_out": float((out.float() - shipped_out.float()).abs().max()),
+            "max_abs_diff_vs_sd_int8_lse": float((lse - shipped_lse).abs().max()),
+        }
+        entry["wgmma prototype"].append(result)
+        print(f"  wgmma {result}", flush=True)
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=["1.3b", "14b"], default=["1.3b", "14b"])
+    parser.add_argument("--inputs", nargs="+", choices=["random", "smooth"], default=["random"])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ref-rows", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] != 9:
+        parser.error("needs a Hopper (sm_90) GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    device = torch.device("cuda", 0)
+    report: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **environment(device),
+        "flops_formula": "4 * S^2 * D * H",
+        "results": [],
+        "complete": False,
+    }
+    slug = str(report["gpu"]).lower().replace("nvidia ", "").replace(" ", "-")
+    out = args.out or REPO / "benchmarks" / "results" / f"attention_wgmma_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes:
+        for kind in args.inputs:
+            report["results"].append(measure(shape, kind, args))
+            out.write_text(json.dumps(report, indent=2) + "\n")
+    report["complete"] = True
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
