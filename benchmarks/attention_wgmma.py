@@ -9,19 +9,21 @@ scales, K smoothing, the int->float offset folded into the key scale, online bas
 BF16 PV), written in Gluon with
 
 - Q, K and V tiles brought in by TMA into a ``STAGES``-deep shared-memory ring (mbarriers);
-- the next tile's QK^T wgmma issued before this tile's softmax, so the tensor cores work
-  during the softmax; it is waited for together with this tile's PV at the end of the
-  iteration. (Keeping PV in flight across the loop's back edge, FA3's other overlap, makes
-  ptxas serialize every wgmma -- warning C7514, the loop-carried accumulator is copied -- so
-  that needs the loop unrolled by two or a warp-specialized producer/consumer split.)
+- each iteration issues QK^T of tile n + 1 and PV of tile n - 1, runs tile n's softmax on the
+  CUDA cores while both are on the tensor cores, then waits for both (FA3's intra-warpgroup
+  overlap). Nothing is in flight across the loop's back edge: a first version that kept PV
+  in flight there made ptxas serialize every wgmma (warning C7514, "non wgmma instructions
+  reading accumulator registers"), which local ``ptxas -v`` on the kernel's PTX shows;
 - the next tile's key scales loaded one tile ahead.
 
-It does not yet have FA3's producer warp, the PV overlap above, register reallocation or
-ping-pong between warpgroups. The kernel is NOT registered as a backend: it is slower than the
-shipped one -- H200, random inputs, TFLOP/s: 1.3B cuDNN 573, sd-int8 531, this 375 (64x64 tiles,
-4 warps); 14B 575, 564, 515 (``benchmarks/results/attention_wgmma_h200.json``) -- and it lives
+It does not yet have FA3's producer warp, register reallocation or ping-pong between
+warpgroups, and it needs 255 registers per thread at 64 x 64 tiles (two CTAs per SM). The
+kernel is NOT registered as a backend: it is slower than the shipped one -- H200, random
+inputs, TFLOP/s: 1.3B cuDNN 559, sd-int8 537, this 434 (64 x 64 tiles, 4 warps, 2 stages); 14B
+562, 547, 504 (3 stages; ``benchmarks/results/attention_wgmma_h200.json``) -- and it lives
 here, measured next to cuDNN and ``sd-int8`` on the same inputs, as the base for that work.
-Its outputs and LSE equal ``sd-int8``'s (same quantization; the JSON has the differences).
+Its outputs and LSE equal ``sd-int8``'s bit for bit (same quantization, same fp32 math; the
+JSON has the differences: 0).
 
     python benchmarks/attention_wgmma.py                      # 1.3B and 14B shapes, random
     python benchmarks/attention_wgmma.py --shapes 14b --inputs smooth
@@ -63,7 +65,7 @@ from smartdiff.attention.int8_triton import K_ROWS, Q_ROWS, _quantize, int8_atte
 from smartdiff.attention.quantization import LOG2E  # noqa: E402
 
 # (BLOCK_N, STAGES, num_warps); BLOCK_M = 16 * num_warps (one m16 row block per warp)
-CONFIGS = ((64, 3, 4), (64, 4, 4), (64, 3, 8), (128, 3, 8))
+CONFIGS = ((64, 2, 4), (64, 3, 4), (64, 2, 8), (64, 3, 8))
 
 
 @gluon.jit
@@ -85,6 +87,34 @@ def softmax_tile(s, scale, offset, q_scale, m_i, l_i, P_LAYOUT: gl.constexpr):
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return gl.convert_layout(p.to(gl.bfloat16), P_LAYOUT), alpha, m_new, l_i
+
+
+@gluon.jit
+def qk_tile(q_view, k_smem, stage, S_LAYOUT: gl.constexpr, BLOCK_M: gl.constexpr,
+            BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):  # fmt: skip
+    """Issue QK^T of the key tile in ``stage`` (async; int32 scores)."""
+    return warpgroup_mma(
+        q_view,
+        k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+        gl.zeros([BLOCK_M, BLOCK_N], gl.int32, S_LAYOUT),
+        use_acc=False,
+        is_async=True,
+    )
+
+
+@gluon.jit
+def refill_k(k_desc, k_smem, k_bars, b, h, tile, n_tiles, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """Key tile ``tile`` has been consumed: load tile ``tile + STAGES`` into its stage."""
+    if num_warps > 4:  # two warpgroups read the same tiles: both must be done with it
+        gl.thread_barrier()
+    refill = tile + STAGES
+    ok = refill < n_tiles
+    stage = tile % STAGES
+    mbarrier.expect(k_bars.index(stage), k_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(
+        k_desc, [b, h, refill * BLOCK_N, 0], k_bars.index(stage), k_smem.index(stage), pred=ok
+    )
 
 
 @gluon.jit
@@ -147,59 +177,49 @@ def wgmma_attention_kernel(
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
+    # Entering iteration n: S_n (tile n's int32 scores), P_{n-1} (BF16, PV operand layout) and
+    # O = sum over tiles <= n - 2, scaled to the row max before tile n. The iteration issues
+    # QK^T of tile n + 1 and PV of tile n - 1, runs tile n's softmax while both are on the
+    # tensor cores, then waits for both: nothing is in flight across the loop's back edge.
     mbarrier.wait(q_bar, 0)
     q_view = q_smem.reshape([BLOCK_M, HEAD_DIM])
     mbarrier.wait(k_bars.index(0), 0)
-    s_tok = warpgroup_mma(
-        q_view,
-        k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-        gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout),
-        use_acc=False,
-        is_async=True,
-    )
+    s_tok = qk_tile(q_view, k_smem, 0, s_layout, BLOCK_M, BLOCK_N, HEAD_DIM)
     scale, offset = key_scales(ks_base, 0, seq_k, col_s, BLOCK_N)
     s = warpgroup_mma_wait(0, deps=(s_tok,))
-    for j in range(n_tiles - 1):
-        # Every warp is past QK^T of tile j and PV of tile j - 2: refill their stages.
-        if num_warps > 4:  # two warpgroups read the same tiles
-            gl.thread_barrier()
-        refill = j + STAGES
-        ok = refill < n_tiles
-        mbarrier.expect(k_bars.index(j % STAGES), k_desc.block_type.nbytes, pred=ok)
-        tma.async_copy_global_to_shared(
-            k_desc,
-            [b, h, refill * BLOCK_N, 0],
-            k_bars.index(j % STAGES),
-            k_smem.index(j % STAGES),
-            pred=ok,
-        )
-        refill = j - 2 + STAGES
-        ok = (j >= 2) & (refill < n_tiles)
-        freed = (j + STAGES - 2) % STAGES
-        mbarrier.expect(v_bars.index(freed), v_desc.block_type.nbytes, pred=ok)
-        tma.async_copy_global_to_shared(
-            v_desc, [b, h, refill * BLOCK_N, 0], v_bars.index(freed), v_smem.index(freed), pred=ok
-        )
-        stage = j % STAGES
-        nstage = (j + 1) % STAGES
-        # the next tile's QK^T runs on the tensor cores during this tile's softmax
-        mbarrier.wait(k_bars.index(nstage), ((j + 1) // STAGES) & 1)
-        s_tok = warpgroup_mma(
-            q_view,
-            k_smem.index(nstage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
-            gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout),
-            use_acc=False,
-            is_async=True,
-        )
-        next_scale, next_offset = key_scales(ks_base, (j + 1) * BLOCK_N, seq_k, col_s, BLOCK_N)
+    refill_k(k_desc, k_smem, k_bars, b, h, 0, n_tiles, BLOCK_N, STAGES, num_warps)
+    mbarrier.wait(k_bars.index(1 % STAGES), (1 // STAGES) & 1)
+    s_tok = qk_tile(q_view, k_smem, 1 % STAGES, s_layout, BLOCK_M, BLOCK_N, HEAD_DIM)
+    next_scale, next_offset = key_scales(ks_base, BLOCK_N, seq_k, col_s, BLOCK_N)
+    p, alpha, m_i, l_i = softmax_tile(s, scale, offset, q_scale, m_i, l_i, p_layout)
+    scale, offset = next_scale, next_offset
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    refill_k(k_desc, k_smem, k_bars, b, h, 1, n_tiles, BLOCK_N, STAGES, num_warps)
+    for n in range(1, n_tiles - 1):
+        mbarrier.wait(k_bars.index((n + 1) % STAGES), ((n + 1) // STAGES) & 1)
+        s_tok = qk_tile(q_view, k_smem, (n + 1) % STAGES, s_layout, BLOCK_M, BLOCK_N, HEAD_DIM)
+        mbarrier.wait(v_bars.index((n - 1) % STAGES), ((n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index((n - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM]),
+                            acc, is_async=True)  # fmt: skip
+        next_scale, next_offset = key_scales(ks_base, (n + 1) * BLOCK_N, seq_k, col_s, BLOCK_N)
         p, alpha, m_i, l_i = softmax_tile(s, scale, offset, q_scale, m_i, l_i, p_layout)
         scale, offset = next_scale, next_offset
-        acc = warpgroup_mma_wait(1, deps=(acc,))  # the previous tile's PV is done
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        mbarrier.wait(v_bars.index(stage), (j // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc, s = warpgroup_mma_wait(0, deps=(acc, s_tok))
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        # K of tile n + 1 and V of tile n - 1 are consumed: refill their stages
+        refill_k(k_desc, k_smem, k_bars, b, h, n + 1, n_tiles, BLOCK_N, STAGES, num_warps)
+        refill = n - 1 + STAGES
+        ok = refill < n_tiles
+        stage = (n - 1) % STAGES
+        mbarrier.expect(v_bars.index(stage), v_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(
+            v_desc, [b, h, refill * BLOCK_N, 0], v_bars.index(stage), v_smem.index(stage), pred=ok
+        )
     last = n_tiles - 1
+    mbarrier.wait(v_bars.index((last - 1) % STAGES), ((last - 1) // STAGES) & 1)
+    acc = warpgroup_mma(
+        p, v_smem.index((last - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True
+    )
     p, alpha, m_i, l_i = softmax_tile(s, scale, offset, q_scale, m_i, l_i, p_layout)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -241,8 +261,8 @@ def wgmma_attention(
     num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, Sq, D], lse [B, H, Sq])`` for bf16 ``q, k, v [B, H, S, D]``."""
-    if stages < 3:
-        raise ValueError(f"stages={stages}: V stages are refilled two tiles behind (allowed: >= 3)")
+    if stages < 2 or k.shape[2] <= block_n:
+        raise ValueError(f"stages={stages}, {k.shape[2]} keys: needs >= 2 stages, > {block_n} keys")
     batch, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     block_m = 16 * num_warps
