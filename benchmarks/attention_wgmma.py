@@ -45,7 +45,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from attention import SHAPES, environment, make_inputs, reference_rows, timed  # noqa: E402
 
-from smartdiff.attention.int8_triton import K_ROWS, Q_ROWS, _quantize, int8_attention_lse  # noqa: E402
-from smartdiff.attention.quantization import LOG2E  # noqa: E402
+from smartdiff.attention.int8_triton import (  # noqa: E402
+    channels_last,
+    int8_attention_lse,
+    quantize_qk,
+)
 
 # (BLOCK_N, STAGES); query tiles of 64 rows (one consumer warpgroup, an m16 block per warp)
 CONFIGS = ((64, 2), (64, 3), (64, 4))
@@ -342,21 +344,16 @@ def wgmma_attention(
         raise ValueError(f"stages={stages}, {k.shape[2]} keys: needs >= 2 stages, > {block_n} keys")
     batch, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    block_m = BLOCK_M
-    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()
-    q8, q_scale, _, shift = _quantize(
-        q, Q_ROWS, 1, LOG2E / math.sqrt(dim), None, False, dot_mean=k_mean
-    )
-    k8, k_scale, _, _ = _quantize(k, K_ROWS, 1, 1.0, k_mean, False)
+    qk = quantize_qk(q, k)  # the shipped kernel's own preprocessing
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    wgmma_attention_kernel[(triton.cdiv(seq_q, block_m), batch * heads)](
-        _descriptor(q8, block_m, gl.int8),
-        _descriptor(k8, block_n, gl.int8),
-        _descriptor(v.contiguous() if v.stride(-1) != 1 else v, block_n, gl.bfloat16),
-        q_scale,
-        k_scale,
-        shift,
+    wgmma_attention_kernel[(triton.cdiv(seq_q, BLOCK_M), batch * heads)](
+        _descriptor(qk.q, BLOCK_M, gl.int8),
+        _descriptor(qk.k, block_n, gl.int8),
+        _descriptor(channels_last(v), block_n, gl.bfloat16),
+        qk.q_scale,
+        qk.k_scale,
+        qk.shift,
         out,
         lse,
         seq_q,
@@ -365,7 +362,7 @@ def wgmma_attention(
         out.stride(0),
         out.stride(2),
         out.stride(1),
-        BLOCK_M=block_m,
+        BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
         HEAD_DIM=dim,
         STAGES=stages,

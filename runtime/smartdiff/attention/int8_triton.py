@@ -34,6 +34,7 @@ Talks to: the kernels in :mod:`.int8_kernels`, torch; :mod:`.quantization`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Final
 
@@ -186,8 +187,43 @@ def _check_inputs(
             )
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dimension is contiguous, else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedQK:
+    """Q and K as the attention kernels read them (steps 1-2 of the module docstring): INT8
+    values ``[B, H, S, D]``, fp32 per-token scales ``[B, H, S]`` (Q's pre-multiplied by
+    ``log2(e) / sqrt(D)``), the K-smoothing score shift ``q . mean(K)`` per query row, and the
+    pooled blocks of the sparse variant (``None`` unless asked for)."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    shift: torch.Tensor
+    pooled_q: PooledBlocks | None
+    pooled_k: PooledBlocks | None
+
+
+def quantize_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_block: int = Q_BLOCK,
+    k_block: int = K_BLOCK,
+    pool: bool = False,
+) -> QuantizedQK:
+    """Smooth K by its mean over the tokens and quantize Q and K (one pass over each);
+    ``q, k [B, H, S, D]`` with the channels contiguous."""
+    dim = q.shape[3]
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()
+    q8, q_scale, pooled_q, shift = _quantize(
+        q, Q_ROWS, q_block, LOG2E / math.sqrt(dim), None, pool, dot_mean=k_mean
+    )
+    k8, k_scale, pooled_k, _ = _quantize(k, K_ROWS, k_block, 1.0, k_mean, pool)
+    return QuantizedQK(q8, q_scale, k8, k_scale, shift, pooled_q, pooled_k)
 
 
 def _forward(
@@ -203,19 +239,17 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole computation (module docstring); returns ``(out, lse)``."""
     _check_inputs(q, k, v, q_block, k_block)
-    q, k, v = _channels_last(q), _channels_last(k), _channels_last(v)
+    q, k, v = channels_last(q), channels_last(k), channels_last(v)
     batch, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()
-    q8, q_scale, pooled_q, shift = _quantize(
-        q, Q_ROWS, q_block, LOG2E / math.sqrt(dim), None, sparse, dot_mean=k_mean
-    )
-    k8, k_scale, pooled_k, _ = _quantize(k, K_ROWS, k_block, 1.0, k_mean, sparse)
+    qk = quantize_qk(q, k, q_block, k_block, pool=sparse)
+    q8, q_scale, k8, k_scale, shift = qk.q, qk.q_scale, qk.k, qk.k_scale, qk.shift
+    pooled_q, pooled_k = qk.pooled_q, qk.pooled_k
     if pv_fp8:
         v_in, v_scale, v_mean = _quantize_v_fp8(v)
         v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(3), v_in.stride(2))
     else:
-        v_in, v_scale, v_mean = v, k_mean, k_mean  # the scale/mean pointers go unused
+        v_in, v_scale, v_mean = v, shift, shift  # the scale/mean pointers go unused
         v_strides = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
