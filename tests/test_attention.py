@@ -134,9 +134,43 @@ def test_declared_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
         why_unavailable(missing, cuda, torch.bfloat16, 128)
     )
     assert "sd-int8" in registry.auto_order(cuda)  # our kernel is a candidate on Hopper only
+    assert registry.auto_order(cuda)[0] == "sd-int8-wgmma"  # measured fastest there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert registry.auto_order(cuda)[0] == "sdpa-cudnn"
     assert "sd-int8" not in registry.auto_order(cuda)
+
+
+def test_the_wgmma_backend_is_declared_for_hopper_bf16_d128_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda = torch.device("cuda", 0)
+    spec = registry.get_spec("sd-int8-wgmma")
+    assert spec.context_parallel == ("ulysses", "ring") and not spec.exact
+    for arch, reason in (
+        ((8, 9), ">= 9.0, this GPU is 8.9"),
+        ((10, 0), "<= 9.0, this GPU is 10.0"),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, a=arch: a)
+        assert f"needs compute capability {reason}" in str(
+            why_unavailable(spec, cuda, torch.bfloat16, 128)
+        )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "takes bfloat16, not float16" in str(why_unavailable(spec, cuda, torch.float16, 128))
+    assert "takes head dims 128, not 64" in str(why_unavailable(spec, cuda, torch.bfloat16, 64))
+    gluon = registry._importable("triton.experimental.gluon")  # noqa: SLF001
+    assert (why_unavailable(spec, cuda, torch.bfloat16, 128) is None) == gluon
+
+
+def test_quantize_qk_rejects_a_bad_key_block() -> None:
+    from smartdiff.attention.int8_triton import quantize_qk
+
+    q, k, _ = qkv(tokens=8, dim=128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="k_rows=96 must be 16, 32, 64 or 128"):
+        quantize_qk(q, k, k_rows=96)
+    with pytest.raises(ValueError, match="k_block=48 must divide it"):
+        quantize_qk(q, k, k_block=48, k_rows=128)
+    with pytest.raises(ValueError, match="pooling needs k_rows=64, got 128"):
+        quantize_qk(q, k, k_rows=128, pool=True)
 
 
 def test_auto_picks_the_first_working_backend_and_logs_the_fallback(
@@ -428,6 +462,58 @@ def test_gpu_kernel_matches_emulation(pv_fp8: bool, dim: int, blocks: tuple[int,
         assert relative_error(out, ref) < 8e-2 and relative_error(out, exact) < 6e-2
     else:
         assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
+
+
+needs_hopper_gluon = pytest.mark.skipif(
+    not torch.cuda.is_available()
+    or torch.cuda.get_device_capability() != (9, 0)
+    or not registry._importable("triton.experimental.gluon"),  # noqa: SLF001
+    reason="needs an sm_90 GPU and Triton's Gluon",
+)
+
+
+@needs_hopper_gluon
+@pytest.mark.parametrize("seq_q, seq_k", [(1000, 777), (100, 128), (300, 129), (64, 40)])
+def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
+    from smartdiff.attention.int8_wgmma import run_wgmma_attention, wgmma_attention_lse
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def views(tokens: int) -> torch.Tensor:
+        return (
+            torch.randn(2, tokens, 3, 128, generator=generator, device="cuda")
+            .bfloat16()
+            .transpose(1, 2)
+        )
+
+    q, k, v = views(seq_q), views(seq_k), views(seq_k)  # one key tile, exactly one, partial
+    out, lse = wgmma_attention_lse(q, k, v)
+    ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
+    exact, exact_lse = reference_attention(q, k, v)
+    assert out.shape == q.shape and out.stride() == (seq_q * 3 * 128, 128, 3 * 128, 1)
+    assert float((lse - ref_lse).abs().max()) < 4e-3
+    assert float((lse - exact_lse).abs().max()) < 5e-2
+    assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
+    # the schedule switches change the order of issue, not the arithmetic
+    for stages, pingpong, overlap_qk in ((2, True, True), (2, False, False), (4, True, False)):
+        other, other_lse = run_wgmma_attention(
+            q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk
+        )
+        assert torch.equal(other, out) and torch.equal(other_lse, lse)
+
+
+@needs_hopper_gluon
+def test_gpu_wgmma_backend_is_picked_and_compiles() -> None:
+    backend = select_attention(
+        "auto", device="cuda", dtype=torch.bfloat16, head_dim=128, context_parallel="ring"
+    )
+    assert backend.name == "sd-int8-wgmma" and backend.lse is not None
+    assert backend.probe_error <= BOUND
+    q, k, v = (t.cuda() for t in qkv(tokens=512, dim=128, dtype=torch.bfloat16))
+    compiled = torch.compile(backend.fn, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), backend(q, k, v))
+    with pytest.raises(ValueError, match="head dim 64 is not supported"):
+        backend(*(t.cuda() for t in qkv(tokens=64, dim=64, dtype=torch.bfloat16)))
 
 
 @needs_gpu

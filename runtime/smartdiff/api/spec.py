@@ -30,7 +30,15 @@ from smartdiff.api.params import (
 from smartdiff.api.topology import ParallelDegrees
 
 AttentionBackend = Literal[
-    "auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "flash-attn", "sage", "sd-int8", "sparge"
+    "auto",
+    "sdpa",
+    "sdpa-flash",
+    "sdpa-cudnn",
+    "flash-attn",
+    "sage",
+    "sd-int8",
+    "sd-int8-wgmma",
+    "sparge",
 ]
 ATTENTION_BACKENDS: Final[tuple[str, ...]] = get_args(AttentionBackend)
 ParallelismMode = Literal["auto", "explicit"]
@@ -244,7 +252,7 @@ class AccelerationSpec(ApiModel):
 
     attention: AttentionBackend = "auto"
     """Attention backend: ``auto``, ``sdpa``, ``sdpa-flash``, ``sdpa-cudnn``,
-    ``flash-attn``, ``sage``, ``sd-int8`` or ``sparge``."""
+    ``flash-attn``, ``sage``, ``sd-int8``, ``sd-int8-wgmma`` (Hopper) or ``sparge``."""
     cache: CacheSpec = Field(default_factory=CacheSpec, json_schema_extra=_DEFAULT_EMPTY)
     """Step cache policy."""
     memory_level: int = Field(default=0, json_schema_extra={"minimum": 0, "maximum": 3})

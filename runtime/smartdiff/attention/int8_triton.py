@@ -214,15 +214,25 @@ def quantize_qk(
     q_block: int = Q_BLOCK,
     k_block: int = K_BLOCK,
     pool: bool = False,
+    k_rows: int = K_ROWS,
 ) -> QuantizedQK:
     """Smooth K by its mean over the tokens and quantize Q and K (one pass over each);
-    ``q, k [B, H, S, D]`` with the channels contiguous."""
+    ``q, k [B, H, S, D]`` with the channels contiguous. ``k_block`` keys share one scale
+    (stored per token all the same); it must divide ``k_rows``, the keys per quantization
+    program (a power of two; more than 128 does not fit its registers)."""
+    if k_rows not in (16, 32, 64, 128) or k_block < 1 or k_rows % k_block:
+        raise ValueError(
+            f"quantize_qk: k_rows={k_rows} must be 16, 32, 64 or 128 and k_block={k_block} "
+            f"must divide it"
+        )
+    if pool and k_rows != K_ROWS:
+        raise ValueError(f"quantize_qk: pooling needs k_rows={K_ROWS}, got {k_rows}")
     dim = q.shape[3]
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()
     q8, q_scale, pooled_q, shift = _quantize(
         q, Q_ROWS, q_block, LOG2E / math.sqrt(dim), None, pool, dot_mean=k_mean
     )
-    k8, k_scale, pooled_k, _ = _quantize(k, K_ROWS, k_block, 1.0, k_mean, pool)
+    k8, k_scale, pooled_k, _ = _quantize(k, k_rows, k_block, 1.0, k_mean, pool)
     return QuantizedQK(q8, q_scale, k8, k_scale, shift, pooled_q, pooled_k)
 
 

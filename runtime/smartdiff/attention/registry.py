@@ -78,6 +78,8 @@ class AttentionSpec:
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: input dtypes it takes (names).
         min_arch: lowest CUDA compute capability, or ``None``.
+        max_arch: highest CUDA compute capability, or ``None`` (Hopper's wgmma exists on 9.0
+            only).
         head_dims: head sizes it takes (``None``: any up to ``max_head_dim``).
         max_head_dim: largest head size.
         requires_any: import names of which at least one must be importable (empty: none).
@@ -93,6 +95,7 @@ class AttentionSpec:
     devices: tuple[str, ...] = ("cuda",)
     dtypes: tuple[str, ...] = HALF
     min_arch: tuple[int, int] | None = None
+    max_arch: tuple[int, int] | None = None
     head_dims: tuple[int, ...] | None = None
     max_head_dim: int = 256
     requires_any: tuple[str, ...] = ()
@@ -175,6 +178,19 @@ BACKENDS: Final[tuple[AttentionSpec, ...]] = (
         exact=False,
     ),
     AttentionSpec(
+        name="sd-int8-wgmma",
+        factory="smartdiff.attention.int8_wgmma:make_int8_wgmma",
+        lse_factory="smartdiff.attention.int8_wgmma:make_int8_wgmma_lse",
+        description="ours (Gluon, Hopper): INT8 QK^T with K smoothing, BF16 PV, producer "
+        "warpgroup + two ping-pong consumer warpgroups",
+        dtypes=("bfloat16",),
+        min_arch=(9, 0),
+        max_arch=(9, 0),
+        head_dims=(128,),
+        requires_any=("triton.experimental.gluon",),
+        exact=False,
+    ),
+    AttentionSpec(
         name="sd-int8-fp8",
         factory=f"{_TRITON}:make_int8_fp8",
         lse_factory=f"{_TRITON}:make_int8_fp8_lse",
@@ -198,11 +214,12 @@ BACKENDS: Final[tuple[AttentionSpec, ...]] = (
 )
 
 # Fastest first, per device family, as measured at the Wan shapes (benchmarks/attention.py,
-# H200): cuDNN SDPA 638 TFLOP/s > SageAttention 1.0.6 420 > FA2 361. sd-int8 (within the 2e-2
-# bound) moves ahead of sdpa-cudnn on Hopper when the benchmark measures it faster there.
+# H200, benchmarks/results/attention_h200.json): sd-int8-wgmma 1.07x / 1.12x cuDNN SDPA (1.2e-2
+# relative error), cuDNN, sd-int8 0.96x / 0.98x, FA2 0.62x / 0.63x (1.3B / 14B shapes).
 _AUTO_ORDER: Final[dict[str, tuple[str, ...]]] = {
     "cpu": ("sdpa", "sdpa-math"),
     "hopper": (
+        "sd-int8-wgmma",
         "sdpa-cudnn",
         "sd-int8",
         "flash-attn",
@@ -289,6 +306,11 @@ def why_unavailable(
         if arch < spec.min_arch:
             need = ".".join(map(str, spec.min_arch))
             return f"needs compute capability >= {need}, this GPU is {arch[0]}.{arch[1]}"
+    if spec.max_arch is not None and device.type == "cuda":
+        arch = torch.cuda.get_device_capability(device)
+        if arch > spec.max_arch:
+            most = ".".join(map(str, spec.max_arch))
+            return f"needs compute capability <= {most}, this GPU is {arch[0]}.{arch[1]}"
     if spec.requires_any and not any(_importable(m) for m in spec.requires_any):
         return f"needs the package {' or '.join(spec.requires_any)}, which is not installed"
     if context_parallel is not None and context_parallel not in spec.context_parallel:

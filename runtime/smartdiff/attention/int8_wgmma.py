@@ -1,0 +1,485 @@
+"""Our INT8 attention for Hopper with explicitly scheduled wgmma (Gluon): ``sd-int8-wgmma``.
+
+The math is that of :mod:`smartdiff.attention.quantization` with one fp32 scale per 128 keys
+(``k_block=128``; K smoothed by its mean first, so the tokens of a tile have like norms) and
+per-token Q scales: INT8 QK^T in int32, online softmax in base 2, BF16 PV. The preprocessing is
+the shipped kernel's own (:func:`.int8_triton.quantize_qk`). What differs from ``sd-int8`` (plain
+Triton, which waits for every wgmma right after issuing it) is the schedule, written out in
+Gluon the way FlashAttention-3 lays it out:
+
+- one CTA per 128 query rows of one (batch, head), one per SM (``maxnreg`` 168 at launch);
+- a producer warpgroup (the default partition, 24 registers after ``setmaxnreg``) brings Q
+  once and then K and V tiles of 128 keys in by TMA, into ``STAGES``-deep shared-memory rings
+  with a "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
+- two consumer warpgroups (240 registers each), 64 query rows apiece: for tile n each issues
+  QK^T of tile n and PV of tile n - 1 back to back (P from registers), waits for the scores,
+  runs the softmax, then waits for PV; the two take turns issuing (``PINGPONG``: a pair of
+  mbarriers), so one's softmax runs on the CUDA cores while the other's matrix products run on
+  the tensor cores. (ptxas turns the wait for the scores -- ``wgmma.wait_group 1`` -- into a
+  wait for both, as the SASS shows: a warpgroup's softmax does not overlap its own PV; the
+  other warpgroup's products are what fill the tensor cores meanwhile.)
+
+Measured alternatives (``benchmarks/attention_wgmma.py`` sweeps the switches; H200,
+``benchmarks/results/attention_wgmma_h200.json``): every combination computes the same output
+bit for bit; waiting for QK^T before issuing PV (``OVERLAP_QK=False``) under ping-pong is the
+one consistently slower (0.98-1.05x cuDNN against 1.05-1.11x); ping-pong itself and 2, 3 or 4
+stages differ by less than the run-to-run spread (about 5%). A schedule that keeps the next
+tile's QK^T in flight during the softmax spills at 128-key tiles and is slower at 64 (64-key
+int8 tiles read shared memory at its bandwidth); per-key scales need two 32-register
+column vectors per thread, which pushed ptxas to spill and to move the softmax after the PV
+wait. The last key tile is peeled out of the loop and masked by a compile-time switch: a
+runtime branch inside the loop made ptxas wait for every wgmma before the softmax.
+
+Inputs: ``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]``, bf16 on an sm_90 GPU, ``D = 128``, any
+strides with the channels contiguous; output ``[B, H, Sq, D]`` (a view of ``[B, Sq, H, D]``)
+and the natural-log LSE ``[B, H, Sq]``. Needs Triton >= 3.6 (Gluon). One
+``torch.library.custom_op`` (``smartdiff::int8_wgmma_attention``) with a fake for tracing.
+
+Talks to: :mod:`.int8_triton` (quantization), torch, Triton's Gluon; chosen through
+:mod:`smartdiff.attention.registry`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from smartdiff.attention.int8_triton import channels_last, quantize_qk
+
+OP_NAME: Final = "smartdiff::int8_wgmma_attention"
+HEAD_DIM: Final = 128
+BLOCK_N: Final = 128  # keys per tile (and per K scale)
+WG_ROWS: Final = 64  # query rows per consumer warpgroup
+CTA_ROWS: Final = 2 * WG_ROWS
+STAGES: Final = 3  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
+LAUNCH_REGISTERS: Final = 168  # 12 warps x 32 x 168 <= 64 Ki: one CTA per SM
+CONSUMER_REGISTERS = gl.constexpr(240)  # 24 (producer) + 2 x 240 = 3 x 168
+WG0 = gl.constexpr(0)
+WG1 = gl.constexpr(1)
+INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)  # bits of 1.5 * 2**23: int + bits = float(int + it)
+INT_TO_FLOAT_OFFSET = gl.constexpr(-12582912.0)  # -1.5 * 2**23
+LN2 = gl.constexpr(0.6931471805599453)
+# the TMA load is ``async_copy_global_to_shared`` in Triton 3.6-3.x and ``async_load`` later
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _key_scale(ks_ptr, key0):
+    """The tile's key scale and the addend that removes the int->float offset."""
+    scale = gl.load(ks_ptr + key0)
+    return scale, scale * INT_TO_FLOAT_OFFSET
+
+
+@gluon.jit
+def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr):
+    """int32 scores of one tile -> fp32 probabilities (scores' layout) and the row state."""
+    t = gl.fma((s + INT_TO_FLOAT_BITS).to(gl.float32, bitcast=True), scale, offset)
+    if MASK:  # the last tile: the rows TMA zero-filled past the end get no weight
+        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        t = gl.where((cols < seq_k)[None, :], t, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(t, axis=1) * q_scale)
+    p = gl.exp2(gl.fma(t, q_scale[:, None], -m_new[:, None]))  # fused whatever fp-fusion says
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _take_turn(turn, WG: gl.constexpr, count, PINGPONG: gl.constexpr):
+    """Wait until the other consumer has issued its products (warpgroup 0 goes first)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (count & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _give_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+
+
+@gluon.jit
+def _scores(q_view, k_smem, stage, s_zero):
+    """Issue QK^T of the key tile in ring ``stage`` (async; int32)."""
+    k_tile = k_smem.index(stage).reshape([s_zero.shape[1], q_view.shape[1]]).permute((1, 0))
+    return warpgroup_mma(q_view, k_tile, s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _step(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, seq_k,
+          n, acc, p, alpha, m_i, l_i, q_scale, s_zero,
+          WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+          OVERLAP_QK: gl.constexpr, MASK: gl.constexpr):  # fmt: skip
+    """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring)."""
+    block_n: gl.constexpr = s_zero.shape[1]
+    row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    ks = n % STAGES
+    vs = (n - 1) % STAGES
+    scale, offset = _key_scale(ks_ptr, n * block_n)
+    mbarrier.wait(k_full.index(ks), (n // STAGES) & 1)
+    _take_turn(turn, WG, n, PINGPONG)
+    s_tok = _scores(q_view, k_smem, ks, s_zero)
+    if not OVERLAP_QK:
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(ks))
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    mbarrier.wait(v_full.index(vs), ((n - 1) // STAGES) & 1)
+    v_tile = v_smem.index(vs).reshape([block_n, acc.shape[1]])
+    acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
+    _give_turn(turn, WG, PINGPONG)
+    if OVERLAP_QK:
+        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(ks))
+    p_f32, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, n * block_n, seq_k,
+                                      MASK)  # fmt: skip
+    acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
+    mbarrier.arrive(v_empty.index(vs))
+    # P is rounded only after the PV that reads the previous one is done: converting earlier
+    # needs fresh registers while that PV is in flight
+    p = gl.convert_layout(p_f32.to(gl.bfloat16), p.type.layout)
+    return acc, p, alpha, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+              qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
+              off_m, stride_ob, stride_oh, stride_os,
+              WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr):  # fmt: skip
+    """One consumer warpgroup: 64 query rows against every key tile, then the output."""
+    BLOCK_M: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    row0 = off_m + WG * BLOCK_M
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    row_ok = offs_m < seq_q
+    q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
+    ks_base = ks_ptr + bh * seq_k
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    q_view = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
+    # tile 0: scores and softmax (masked: it may be the last tile too)
+    scale, offset = _key_scale(ks_base, 0)
+    mbarrier.wait(k_full.index(0), 0)
+    _take_turn(turn, WG, 0, PINGPONG)
+    s_tok = _scores(q_view, k_smem, 0, s_zero)
+    _give_turn(turn, WG, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(0))
+    p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True)
+    p = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    for n in range(1, n_tiles - 1):
+        acc, p, alpha, m_i, l_i = _step(
+            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, seq_k,
+            n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG, OVERLAP_QK,
+            False,
+        )  # fmt: skip
+    if n_tiles > 1:  # the last tile, masked, peeled out of the loop
+        acc, p, alpha, m_i, l_i = _step(
+            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, seq_k,
+            n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
+            OVERLAP_QK, True,
+        )  # fmt: skip
+    last = n_tiles - 1
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
+    v_tile = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+    acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p, v_tile, acc, is_async=True),))
+    mbarrier.arrive(v_empty.index(last % STAGES))
+
+    total = gl.where(l_i > 0, l_i, 1.0)
+    out = acc / gl.convert_layout(total, row_o)[:, None]
+    rows = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols = gl.arange(0, HEAD_DIM, layout=col_o)
+    dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
+    gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
+    shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    lse2 = m_i + gl.log2(total) + shift
+    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
+              v_full, v_empty, b, h, off_m, n_tiles,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """Q once (both consumers' rows), then K tile t and V tile t - 1 at step t, in the order
+    the consumers use them, each into its ring stage once both consumers released it."""
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    _tma_load(q_desc, [b, h, off_m, 0], q_bar, q_smem.index(0))
+    _tma_load(q_desc, [b, h, off_m + 64, 0], q_bar, q_smem.index(1))
+    for t in range(n_tiles + 1):
+        if t < n_tiles:
+            stage = t % STAGES
+            # a fresh barrier counts as released: waiting on the other parity returns at once
+            mbarrier.wait(k_empty.index(stage), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_full.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [b, h, t * BLOCK_N, 0], k_full.index(stage), k_smem.index(stage))
+        if t >= 1:
+            tile = t - 1
+            stage = tile % STAGES
+            mbarrier.wait(v_empty.index(stage), ((tile // STAGES) & 1) ^ 1)
+            mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [b, h, tile * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def wgmma_attention_kernel(
+    q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr,
+    seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
+    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
+):  # fmt: skip
+    """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
+    bh = gl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    off_m = gl.program_id(0) * 128
+    q_smem = gl.allocate_shared_memory(gl.int8, [2, 1, 1, 64, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(
+        gl.bfloat16, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout
+    )
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    n_tiles = gl.cdiv(seq_k, BLOCK_N)
+    gl.warp_specialize(
+        [
+            (
+                _producer,
+                (
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_full,
+                    k_empty,
+                    v_full,
+                    v_empty,
+                    b,
+                    h,
+                    off_m,
+                    n_tiles,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),  # fmt: skip
+            (
+                _consumer,
+                (
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_full,
+                    k_empty,
+                    v_full,
+                    v_empty,
+                    turn,
+                    qs_ptr,
+                    ks_ptr,
+                    shift_ptr,
+                    out_ptr,
+                    lse_ptr,
+                    seq_q,
+                    seq_k,
+                    n_tiles,
+                    b,
+                    h,
+                    bh,
+                    off_m,
+                    stride_ob,
+                    stride_oh,
+                    stride_os,
+                    WG0,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                    PINGPONG,
+                    OVERLAP_QK,
+                ),
+            ),  # fmt: skip
+            (
+                _consumer,
+                (
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_full,
+                    k_empty,
+                    v_full,
+                    v_empty,
+                    turn,
+                    qs_ptr,
+                    ks_ptr,
+                    shift_ptr,
+                    out_ptr,
+                    lse_ptr,
+                    seq_q,
+                    seq_k,
+                    n_tiles,
+                    b,
+                    h,
+                    bh,
+                    off_m,
+                    stride_ob,
+                    stride_oh,
+                    stride_os,
+                    WG1,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                    PINGPONG,
+                    OVERLAP_QK,
+                ),
+            ),  # fmt: skip
+        ],
+        [4, 4],
+        [CONSUMER_REGISTERS, CONSUMER_REGISTERS],
+    )
+
+
+def _descriptor(x: torch.Tensor, rows: int, dtype: Any) -> TensorDescriptor:
+    """A 4-D TMA descriptor over ``x [B, H, S, D]`` (any strides, channels contiguous): tiles
+    of ``rows`` tokens of one head; reads past ``S`` come back as zeros."""
+    block = [1, 1, rows, x.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or k.ndim != 4:
+        raise ValueError(
+            f"sd-int8-wgmma needs q [B, H, Sq, D] and k, v [B, H, Sk, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[3] != HEAD_DIM or k.shape[3] != HEAD_DIM:
+        raise ValueError(
+            f"sd-int8-wgmma: head dim {q.shape[3]} is not supported (allowed: {HEAD_DIM})"
+        )
+    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+        raise ValueError(
+            f"sd-int8-wgmma needs q, k, v in bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.shape[2] < 1 or q.shape[2] < 1:
+        raise ValueError(f"sd-int8-wgmma needs tokens, got Sq={q.shape[2]}, Sk={k.shape[2]}")
+
+
+def run_wgmma_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    stages: int = STAGES,
+    pingpong: bool = True,
+    overlap_qk: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel with its schedule switches (module docstring): ``(out, lse)``."""
+    _check_inputs(q, k, v)
+    if stages < 2:
+        raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
+    q, k, v = channels_last(q), channels_last(k), channels_last(v)
+    batch, heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    qk = quantize_qk(q, k, k_block=BLOCK_N, k_rows=BLOCK_N)
+    out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
+        _descriptor(qk.q, WG_ROWS, gl.int8),
+        _descriptor(qk.k, BLOCK_N, gl.int8),
+        _descriptor(v, BLOCK_N, gl.bfloat16),
+        qk.q_scale,
+        qk.k_scale,
+        qk.shift,
+        out,
+        lse,
+        seq_q,
+        seq_k,
+        heads,
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+        BLOCK_N=BLOCK_N,
+        HEAD_DIM=dim,
+        STAGES=stages,
+        PINGPONG=pingpong,
+        OVERLAP_QK=overlap_qk,
+        num_warps=4,
+        maxnreg=LAUNCH_REGISTERS,
+    )
+    return out.transpose(1, 2), lse
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cuda")
+def wgmma_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, Sq, D], lse [B, H, Sq] fp32)``; see the module docstring."""
+    return run_wgmma_attention(q, k, v)
+
+
+@wgmma_attention_op.register_fake
+def _wgmma_attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seq_q, dim = q.shape
+    out = q.new_empty((batch, seq_q, heads, dim)).transpose(1, 2)
+    return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+def wgmma_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` (natural log, fp32): the ``sd-int8-wgmma`` LSE variant (ring attention)."""
+    return wgmma_attention_op(q, k, v)
+
+
+def wgmma_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The ``sd-int8-wgmma`` backend."""
+    return wgmma_attention_op(q, k, v)[0]
+
+
+def make_int8_wgmma(device: torch.device) -> Any:
+    del device
+    return wgmma_attention
+
+
+def make_int8_wgmma_lse(device: torch.device) -> Any:
+    del device
+    return wgmma_attention_lse
