@@ -8,6 +8,11 @@ one's relative error against the fp32 reference. Prints figures and writes JSON
 (command, GPU, versions, timings, errors) under benchmarks/results/.
 
     python benchmarks/dit_forward.py --model 1.3b 14b --iters 3
+    python benchmarks/dit_forward.py --attention sd-int8-wgmma   # also ours with that backend
+
+``--attention NAME...`` adds a run of our model per registry backend (chosen through
+:func:`select_attention`, as the engine does; it replaces the self-attention over the video
+tokens, which is where the time goes).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 
+from smartdiff.attention.registry import select_attention  # noqa: E402
 from smartdiff.models.wan_dit import WanDiT, WanDiTConfig, to_diffusers_naming  # noqa: E402
 
 SHAPES = {  # model -> (config, (width, height, frames))
@@ -84,7 +90,9 @@ def timed(fn: Any, iters: int) -> list[float]:
 
 
 @torch.no_grad()
-def bench(name: str, iters: int, profile: bool = False) -> dict[str, Any]:
+def bench(
+    name: str, iters: int, profile: bool = False, attention: tuple[str, ...] = ()
+) -> dict[str, Any]:
     make_config, (width, height, frames) = SHAPES[name]
     config = make_config()
     device = torch.device("cuda")
@@ -134,6 +142,19 @@ def bench(name: str, iters: int, profile: bool = False) -> dict[str, Any]:
         )[0]
 
     runs = {"ours": run_ours, "ours_fused": run_fused, "diffusers": run_theirs}
+    for backend_name in attention:
+        backend = select_attention(
+            backend_name, device=device, dtype=torch.bfloat16, head_dim=config.head_dim
+        )
+
+        def run_with(backend: Any = backend) -> torch.Tensor:
+            default, ours.attention = ours.attention, backend
+            try:
+                return ours(latents, timestep, context)
+            finally:
+                ours.attention = default
+
+        runs[f"ours[{backend_name}]"] = run_with
     errors = {k: rel_error(fn(), reference) for k, fn in runs.items()}  # also the warm-up
     if profile:
         from torch.profiler import ProfilerActivity
@@ -175,6 +196,9 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", choices=sorted(SHAPES), default=["1.3b"])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels")
+    parser.add_argument(
+        "--attention", nargs="*", default=[], help="registry backends to run ours with as well"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/dit_forward.json")
     args = parser.parse_args()
     import diffusers
@@ -190,7 +214,7 @@ def main() -> None:
     }
     results = []
     for name in args.model:
-        r = bench(name, args.iters, args.profile)
+        r = bench(name, args.iters, args.profile, tuple(args.attention))
         results.append(r)
         gc.collect()  # the models die with bench()'s frame
         torch.cuda.empty_cache()
