@@ -9,7 +9,7 @@ Gluon the way FlashAttention-3 lays it out:
 
 - one CTA per 128 query rows of one (batch, head), one per SM (``maxnreg`` 168 at launch);
 - a producer warpgroup (the default partition, 24 registers after ``setmaxnreg``) brings Q
-  once and then K and V tiles of 128 keys in by TMA, into ``STAGES``-deep shared-memory rings
+  once and then K and V tiles of 128 keys in by TMA, into ``STAGES``-deep (2) shared-memory rings
   with a "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
 - two consumer warpgroups (240 registers each), 64 query rows apiece: for tile n each issues
   QK^T of tile n and PV of tile n - 1 back to back (P from registers), waits for the scores,
@@ -19,11 +19,19 @@ Gluon the way FlashAttention-3 lays it out:
   wait for both, as the SASS shows: a warpgroup's softmax does not overlap its own PV; the
   other warpgroup's products are what fill the tensor cores meanwhile.)
 
+The softmax takes each tile's row maximum on the int32 scores (exact; the key scale is one
+per tile) and meets key scale, query scale and maximum in one multiply-add per score
+(``FOLD``, the default): one fused multiply-add and one float max fewer per score than scaling
+by the key and then by the query scale, worth 10-15% of the kernel's speed.
+
 Measured alternatives (``benchmarks/attention_wgmma.py`` sweeps the switches; H200,
-``benchmarks/results/attention_wgmma_h200.json``): every combination computes the same output
-bit for bit; waiting for QK^T before issuing PV (``OVERLAP_QK=False``) under ping-pong is the
-one consistently slower (0.98-1.05x cuDNN against 1.05-1.11x); ping-pong itself and 2, 3 or 4
-stages differ by less than the run-to-run spread (about 5%). A schedule that keeps the next
+``benchmarks/results/attention_wgmma_h200.json``, cuDNN SDPA in the same run): the default
+(``FOLD``, 2 stages, ping-pong, ``OVERLAP_QK``) 1.27x / 1.24x cuDNN at the 1.3B / 14B shapes;
+unfolded 1.10x / 1.12x; unfolded and waiting for QK^T before issuing PV
+(``OVERLAP_QK=False``) 1.05x / 1.06x. The schedule switches reorder issue only (every
+combination of one arithmetic gives the same output bit for bit). Folded, ping-pong changes
+little (707 / 708 TFLOP/s at 1.3B, 2 stages); 2 stages beat 3 by 5-10% at the 1.3B shape and
+3 beat 2 by 0-2% at the 14B. A schedule that keeps the next
 tile's QK^T in flight during the softmax spills at 128-key tiles and is slower at 64 (64-key
 int8 tiles read shared memory at its bandwidth); per-key scales need two 32-register
 column vectors per thread, which pushed ptxas to spill and to move the softmax after the PV
@@ -62,7 +70,7 @@ HEAD_DIM: Final = 128
 BLOCK_N: Final = 128  # keys per tile (and per K scale)
 WG_ROWS: Final = 64  # query rows per consumer warpgroup
 CTA_ROWS: Final = 2 * WG_ROWS
-STAGES: Final = 3  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
+STAGES: Final = 2  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
 LAUNCH_REGISTERS: Final = 168  # 12 warps x 32 x 168 <= 64 Ki: one CTA per SM
 CONSUMER_REGISTERS = gl.constexpr(240)  # 24 (producer) + 2 x 240 = 3 x 168
 WG0 = gl.constexpr(0)
@@ -82,14 +90,34 @@ def _key_scale(ks_ptr, key0):
 
 
 @gluon.jit
-def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr):
-    """int32 scores of one tile -> fp32 probabilities (scores' layout) and the row state."""
-    t = gl.fma((s + INT_TO_FLOAT_BITS).to(gl.float32, bitcast=True), scale, offset)
+def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr,
+             FOLD: gl.constexpr):  # fmt: skip
+    """int32 scores of one tile -> fp32 probabilities (scores' layout) and the row state.
+
+    With ``FOLD`` the row maximum is taken on the integer scores (exact, and the key scale is
+    one per tile) and the key scale, query scale and maximum meet in one multiply-add per score;
+    without, each score is scaled by the key scale first, then by the query scale."""
+    u = (s + INT_TO_FLOAT_BITS).to(gl.float32, bitcast=True)  # s + 1.5 * 2**23, exactly
     if MASK:  # the last tile: the rows TMA zero-filled past the end get no weight
         cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
-        t = gl.where((cols < seq_k)[None, :], t, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(t, axis=1) * q_scale)
-    p = gl.exp2(gl.fma(t, q_scale[:, None], -m_new[:, None]))  # fused whatever fp-fusion says
+        valid = (cols < seq_k)[None, :]
+    if FOLD:
+        if MASK:  # noqa: SIM108 (a compile-time branch; keep it a statement)
+            s_max = gl.max(gl.where(valid, s, -2147483647), axis=1)
+        else:
+            s_max = gl.max(s, axis=1)
+        row_scale = q_scale * scale
+        m_new = gl.maximum(m_i, s_max.to(gl.float32) * row_scale)
+        x = gl.fma(u, row_scale[:, None], (q_scale * offset - m_new)[:, None])
+    else:
+        t = gl.fma(u, scale, offset)
+        if MASK:
+            t = gl.where(valid, t, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(t, axis=1) * q_scale)
+        x = gl.fma(t, q_scale[:, None], -m_new[:, None])  # fused whatever fp-fusion says
+    if FOLD and MASK:
+        x = gl.where(valid, x, float("-inf"))
+    p = gl.exp2(x)
     alpha = gl.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
@@ -118,7 +146,7 @@ def _scores(q_view, k_smem, stage, s_zero):
 def _step(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, seq_k,
           n, acc, p, alpha, m_i, l_i, q_scale, s_zero,
           WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-          OVERLAP_QK: gl.constexpr, MASK: gl.constexpr):  # fmt: skip
+          OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr):  # fmt: skip
     """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring)."""
     block_n: gl.constexpr = s_zero.shape[1]
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
@@ -140,7 +168,7 @@ def _step(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(ks))
     p_f32, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, n * block_n, seq_k,
-                                      MASK)  # fmt: skip
+                                      MASK, FOLD)  # fmt: skip
     acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
     mbarrier.arrive(v_empty.index(vs))
     # P is rounded only after the PV that reads the previous one is done: converting earlier
@@ -154,7 +182,8 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, t
               qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
               off_m, stride_ob, stride_oh, stride_os,
               WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr):  # fmt: skip
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
+              FOLD: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output."""
     BLOCK_M: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -187,19 +216,19 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, t
     _give_turn(turn, WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(0))
-    p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True)
+    p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True, FOLD)
     p = gl.convert_layout(p.to(gl.bfloat16), p_layout)
     for n in range(1, n_tiles - 1):
         acc, p, alpha, m_i, l_i = _step(
             q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, seq_k,
             n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG, OVERLAP_QK,
-            False,
+            FOLD, False,
         )  # fmt: skip
     if n_tiles > 1:  # the last tile, masked, peeled out of the loop
         acc, p, alpha, m_i, l_i = _step(
             q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, seq_k,
             n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-            OVERLAP_QK, True,
+            OVERLAP_QK, FOLD, True,
         )  # fmt: skip
     last = n_tiles - 1
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -248,7 +277,7 @@ def wgmma_attention_kernel(
     q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr,
     seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
+    PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr,
 ):  # fmt: skip
     """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
     bh = gl.program_id(1)
@@ -332,6 +361,7 @@ def wgmma_attention_kernel(
                     STAGES,
                     PINGPONG,
                     OVERLAP_QK,
+                    FOLD,
                 ),
             ),  # fmt: skip
             (
@@ -367,6 +397,7 @@ def wgmma_attention_kernel(
                     STAGES,
                     PINGPONG,
                     OVERLAP_QK,
+                    FOLD,
                 ),
             ),  # fmt: skip
         ],
@@ -409,6 +440,7 @@ def run_wgmma_attention(
     stages: int = STAGES,
     pingpong: bool = True,
     overlap_qk: bool = True,
+    fold: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``."""
     _check_inputs(q, k, v)
@@ -440,6 +472,7 @@ def run_wgmma_attention(
         STAGES=stages,
         PINGPONG=pingpong,
         OVERLAP_QK=overlap_qk,
+        FOLD=fold,
         num_warps=4,
         maxnreg=LAUNCH_REGISTERS,
     )
