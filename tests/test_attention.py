@@ -161,6 +161,26 @@ def test_the_wgmma_backend_is_declared_for_hopper_bf16_d128_only(
     assert (why_unavailable(spec, cuda, torch.bfloat16, 128) is None) == gluon
 
 
+@pytest.mark.skipif(
+    not registry._importable("triton.experimental.gluon"),  # noqa: SLF001
+    reason="needs Triton's Gluon",
+)
+def test_the_wgmma_kernel_rejects_what_it_cannot_take() -> None:
+    from smartdiff.attention.int8_wgmma import run_wgmma_attention
+
+    q, k, v = qkv(tokens=8, dim=64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim 64 is not supported \\(allowed: 128\\)"):
+        run_wgmma_attention(q, k, v)
+    q, k, v = qkv(tokens=8, dim=128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="needs q, k, v in bfloat16, got torch.float16"):
+        run_wgmma_attention(q, k, v)
+    q, k, v = qkv(tokens=8, dim=128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"k, v \[B, H, Sk, D\], got .*\(1, 2, 7, 128\)"):
+        run_wgmma_attention(q, k, v[:, :, :7])
+    with pytest.raises(ValueError, match="stages=1 must be >= 2"):
+        run_wgmma_attention(q, k, v, stages=1)
+
+
 def test_quantize_qk_rejects_a_bad_key_block() -> None:
     from smartdiff.attention.int8_triton import quantize_qk
 
