@@ -304,6 +304,8 @@ def wgmma_attention_kernel(
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
+    # the consumers' argument lists differ in WG0 / WG1 only; spelled out twice because Gluon
+    # (3.6) cannot concatenate a tuple of its values with one holding a constexpr
     gl.warp_specialize(
         [
             (
