@@ -75,7 +75,8 @@ LAUNCH_REGISTERS: Final = 168  # 12 warps x 32 x 168 <= 64 Ki: one CTA per SM
 CONSUMER_REGISTERS = gl.constexpr(240)  # 24 (producer) + 2 x 240 = 3 x 168
 WG0 = gl.constexpr(0)
 WG1 = gl.constexpr(1)
-INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)  # bits of 1.5 * 2**23: int + bits = float(int + it)
+# the bits of 1.5 * 2**23: added to an int32 |s| < 2**22 they make the float s + 1.5 * 2**23
+INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)
 INT_TO_FLOAT_OFFSET = gl.constexpr(-12582912.0)  # -1.5 * 2**23
 LN2 = gl.constexpr(0.6931471805599453)
 # the TMA load is ``async_copy_global_to_shared`` in Triton 3.6-3.x and ``async_load`` later
