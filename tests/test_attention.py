@@ -175,7 +175,7 @@ def test_the_wgmma_kernel_rejects_what_it_cannot_take() -> None:
     with pytest.raises(ValueError, match="needs q, k, v in bfloat16, got torch.float16"):
         run_wgmma_attention(q, k, v)
     q, k, v = qkv(tokens=8, dim=128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=r"k, v \[B, H, Sk, D\], got .*\(1, 2, 7, 128\)"):
+    with pytest.raises(ValueError, match=r"shapes do not match: .* v \(1, 2, 7, 128\)"):
         run_wgmma_attention(q, k, v[:, :, :7])
     with pytest.raises(ValueError, match="stages=1 must be >= 2"):
         run_wgmma_attention(q, k, v, stages=1)

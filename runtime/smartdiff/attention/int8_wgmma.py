@@ -64,12 +64,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from smartdiff.attention.int8_triton import channels_last, quantize_qk
+from smartdiff.attention.quantization import check_qkv
 
 OP_NAME: Final = "smartdiff::int8_wgmma_attention"
 HEAD_DIM: Final = 128
 BLOCK_N: Final = 128  # keys per tile (and per K scale)
-WG_ROWS: Final = 64  # query rows per consumer warpgroup
-CTA_ROWS: Final = 2 * WG_ROWS
+WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
+CTA_ROWS: Final = 2 * WG_ROWS.value
 STAGES: Final = 2  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
 LAUNCH_REGISTERS: Final = 168  # 12 warps x 32 x 168 <= 64 Ki: one CTA per SM
 CONSUMER_REGISTERS = gl.constexpr(240)  # 24 (producer) + 2 x 240 = 3 x 168
@@ -186,7 +187,7 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, t
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
               FOLD: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output."""
-    BLOCK_M: gl.constexpr = 64
+    BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
     )
@@ -257,7 +258,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_e
     the consumers use them, each into its ring stage once both consumers released it."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     _tma_load(q_desc, [b, h, off_m, 0], q_bar, q_smem.index(0))
-    _tma_load(q_desc, [b, h, off_m + 64, 0], q_bar, q_smem.index(1))
+    _tma_load(q_desc, [b, h, off_m + WG_ROWS, 0], q_bar, q_smem.index(1))
     for t in range(n_tiles + 1):
         if t < n_tiles:
             stage = t % STAGES
@@ -284,8 +285,8 @@ def wgmma_attention_kernel(
     bh = gl.program_id(1)
     b = bh // heads
     h = bh % heads
-    off_m = gl.program_id(0) * 128
-    q_smem = gl.allocate_shared_memory(gl.int8, [2, 1, 1, 64, HEAD_DIM], q_desc.layout)
+    off_m = gl.program_id(0) * (2 * WG_ROWS)
+    q_smem = gl.allocate_shared_memory(gl.int8, [2, 1, 1, WG_ROWS, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(
         gl.bfloat16, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout
@@ -418,12 +419,8 @@ def _descriptor(x: torch.Tensor, rows: int, dtype: Any) -> TensorDescriptor:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or k.ndim != 4:
-        raise ValueError(
-            f"sd-int8-wgmma needs q [B, H, Sq, D] and k, v [B, H, Sk, D], got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[3] != HEAD_DIM or k.shape[3] != HEAD_DIM:
+    check_qkv(q, k, v)
+    if q.shape[3] != HEAD_DIM:
         raise ValueError(
             f"sd-int8-wgmma: head dim {q.shape[3]} is not supported (allowed: {HEAD_DIM})"
         )
@@ -456,7 +453,7 @@ def run_wgmma_attention(
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
-        _descriptor(qk.q, WG_ROWS, gl.int8),
+        _descriptor(qk.q, WG_ROWS.value, gl.int8),
         _descriptor(qk.k, BLOCK_N, gl.int8),
         _descriptor(v, BLOCK_N, gl.bfloat16),
         qk.q_scale,

@@ -146,7 +146,7 @@ def int8_attention_reference(
     block-sparse variant); every query block must keep at least one key block. Dense scores
     are materialized: for small shapes (tests, probes).
     """
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
     k_mean = k.float().mean(dim=2) if smooth_k else None
     qq = quantize_per_block(q, q_block, pre_scale=sm_scale * LOG2E)
@@ -175,7 +175,8 @@ def int8_attention_reference(
     return out.to(q.dtype), lse2 * LN2
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``q [B, H, Sq, D]`` and ``k, v [B, H, Sk, D]``."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"attention needs q, k, v [B, H, S, D], got {tuple(q.shape)}, "

@@ -301,16 +301,13 @@ def why_unavailable(
         return f"takes head dims {', '.join(map(str, spec.head_dims))}, not {head_dim}"
     if head_dim > spec.max_head_dim:
         return f"takes head dims up to {spec.max_head_dim}, not {head_dim}"
-    if spec.min_arch is not None and device.type == "cuda":
+    if (spec.min_arch or spec.max_arch) and device.type == "cuda":
         arch = torch.cuda.get_device_capability(device)
-        if arch < spec.min_arch:
-            need = ".".join(map(str, spec.min_arch))
-            return f"needs compute capability >= {need}, this GPU is {arch[0]}.{arch[1]}"
-    if spec.max_arch is not None and device.type == "cuda":
-        arch = torch.cuda.get_device_capability(device)
-        if arch > spec.max_arch:
-            most = ".".join(map(str, spec.max_arch))
-            return f"needs compute capability <= {most}, this GPU is {arch[0]}.{arch[1]}"
+        here = f"this GPU is {arch[0]}.{arch[1]}"
+        if spec.min_arch is not None and arch < spec.min_arch:
+            return f"needs compute capability >= {'.'.join(map(str, spec.min_arch))}, {here}"
+        if spec.max_arch is not None and arch > spec.max_arch:
+            return f"needs compute capability <= {'.'.join(map(str, spec.max_arch))}, {here}"
     if spec.requires_any and not any(_importable(m) for m in spec.requires_any):
         return f"needs the package {' or '.join(spec.requires_any)}, which is not installed"
     if context_parallel is not None and context_parallel not in spec.context_parallel:
