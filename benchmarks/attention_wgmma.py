@@ -41,15 +41,18 @@ from smartdiff.attention.int8_triton import int8_attention_lse  # noqa: E402
 from smartdiff.attention.int8_wgmma import run_wgmma_attention  # noqa: E402
 
 SWITCHES = [
-    {"stages": stages, "pingpong": pingpong, "overlap_qk": overlap, "fold": fold}
-    for fold, stages, pingpong, overlap in (
-        (False, 3, True, True),
-        (False, 2, True, True),
-        (False, 3, True, False),
-        (True, 3, True, True),
-        (True, 2, True, True),
-        (True, 3, False, True),
-        (True, 2, False, True),
+    {"stages": stages, "pingpong": pingpong, "overlap_qk": overlap, "fold": fold, "pv8": pv8}
+    for fold, pv8, stages, pingpong, overlap in (
+        (False, False, 3, True, True),
+        (False, False, 2, True, True),
+        (False, False, 3, True, False),
+        (True, False, 3, True, True),
+        (True, False, 2, True, True),
+        (True, False, 3, False, True),
+        (True, False, 2, False, True),
+        (True, True, 2, True, True),
+        (True, True, 3, True, True),
+        (True, True, 2, False, True),
     )
 ]
 
@@ -89,11 +92,14 @@ def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     entry["sd-int8"] = {**figures(shipped), "rel_error": error(int8_attention_lse(q, k, v)[0])}
     print(f"{shape}/{kind}: cuDNN {flops / base / 1e12:.0f} TFLOP/s, sd-int8 "
           f"{flops / shipped / 1e12:.0f}", flush=True)  # fmt: skip
-    firsts: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+    firsts: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
     entry["sd-int8-wgmma"] = []
     for switches in SWITCHES:
+        if args.pv8_only and not switches["pv8"]:
+            continue
         out, lse = run_wgmma_attention(q, k, v, **switches)
-        first, first_lse = firsts.setdefault(bool(switches["fold"]), (out, lse))
+        arithmetic = (bool(switches["fold"]), bool(switches["pv8"]))
+        first, first_lse = firsts.setdefault(arithmetic, (out, lse))
         seconds = median(lambda s=switches: run_wgmma_attention(q, k, v, **s))
         result = {
             **switches,
@@ -101,7 +107,7 @@ def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
             "speedup_vs_sd_int8": round(shipped / seconds, 3),
             "rel_error": error(out),
             # the schedule switches reorder issue only: bit-equal to the first of its arithmetic
-            "same_output_as_first_with_this_fold": bool(
+            "same_output_as_first_with_this_arithmetic": bool(
                 torch.equal(out, first) and torch.equal(lse, first_lse)
             ),
         }
@@ -118,6 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ref-rows", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pv8-only", action="store_true", help="only the INT8-PV variants")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(0) != (9, 0):

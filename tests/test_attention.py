@@ -528,6 +528,30 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
 
 
 @needs_hopper_gluon
+@pytest.mark.parametrize("seq_q, seq_k", [(1000, 777), (100, 128), (300, 129), (64, 40)])
+def test_gpu_wgmma_int8_pv_matches_exact_attention(seq_q: int, seq_k: int) -> None:
+    from smartdiff.attention.int8_wgmma import run_wgmma_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+
+    def views(tokens: int, offset: float = 0.0) -> torch.Tensor:
+        x = torch.randn(2, tokens, 3, 128, generator=generator, device="cuda") + offset
+        return x.bfloat16().transpose(1, 2)
+
+    q, k = views(seq_q), views(seq_k)
+    for offset in (0.0, 3.0):  # V's per-channel mean is taken out before rounding, put back after
+        v = views(seq_k, offset)
+        out, lse = run_wgmma_attention(q, k, v, pv8=True)
+        exact, exact_lse = reference_attention(q, k, v)
+        assert out.shape == q.shape and out.stride() == (seq_q * 3 * 128, 128, 3 * 128, 1)
+        assert float((lse - exact_lse).abs().max()) < 5e-2
+        assert relative_error(out, exact) <= BOUND
+    for stages, pingpong in ((3, True), (2, False)):
+        other, other_lse = run_wgmma_attention(q, k, v, stages=stages, pingpong=pingpong, pv8=True)
+        assert torch.equal(other, out) and torch.equal(other_lse, lse)
+
+
+@needs_hopper_gluon
 def test_gpu_wgmma_backend_is_picked_and_compiles() -> None:
     backend = select_attention(
         "auto", device="cuda", dtype=torch.bfloat16, head_dim=128, context_parallel="ring"

@@ -3,7 +3,8 @@
 - :func:`quantize_kernel`: one pass over Q or K: INT8 values, per-token fp32 scales (the scale
   of the token's block), optionally the K-smoothing shift of each query row and the pooled
   block statistics of the sparse variant;
-- :func:`quantize_v_kernel`: V smoothed and scaled to e4m3, stored with the tokens contiguous;
+- :func:`quantize_v_kernel`: V smoothed and scaled to e4m3 (or int8, for ``sd-int8-wgmma``'s
+  INT8 PV), stored with the tokens contiguous;
 - :func:`attention_kernel`: the attention itself, dense or over a tile list, with its
   autotuned launchers :data:`DENSE_KERNEL` and :data:`SPARSE_KERNEL`.
 
@@ -97,6 +98,16 @@ def quantize_kernel(
 
 
 @triton.jit
+def pv8_position(token):
+    """Where INT8 V stores ``token`` inside its group of 16 keys (see :func:`quantize_v_kernel`).
+
+    Key ``16 i + 8 h + 2 t + b`` goes to column ``16 i + 4 t + 2 h + b``: the order in which a
+    thread of a Hopper wgmma holds its scores (two adjacent keys, then the two 8 keys on) is
+    then the order of an INT8 A operand (four adjacent k), so P needs no data movement."""
+    return (token & -16) | (((token >> 1) & 3) << 2) | (((token >> 3) & 1) << 1) | (token & 1)
+
+
+@triton.jit
 def quantize_v_kernel(
     v_ptr,
     mean_ptr,
@@ -110,8 +121,15 @@ def quantize_v_kernel(
     stride_s,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    INT8: tl.constexpr = False,
+    sums_ptr=None,
 ):
-    """``(v - mean) / scale`` as e4m3 into ``[BH, D, padded_len]`` (tokens contiguous)."""
+    """``(v - mean) / scale`` into ``[BH, D, padded_len]`` (tokens contiguous): e4m3, or with
+    ``INT8`` rounded to int8 with the tokens of each 16 reordered by :func:`pv8_position` and
+    the padding written as zeros (the grid then covers ``padded_len``), and for each ``ROWS``
+    tokens and channel ``0x4B400000 + 127 * (sum of the int8 values)`` into ``sums_ptr [BH,
+    tiles, D]`` int32: the float-bits addend with which the attention kernel turns its INT8 PV
+    (P stored minus 127) into fp32."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
@@ -123,12 +141,23 @@ def quantize_v_kernel(
     v = tl.load(src + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + pid_bh * HEAD_DIM + cols)
     scale = tl.load(scale_ptr + pid_bh * HEAD_DIM + cols)
-    y = tl.minimum(tl.maximum((v - mean[None, :]) / scale[None, :], -448.0), 448.0)
-    y = tl.where(valid[:, None], y, 0.0)
     dst = out_ptr + pid_bh.to(tl.int64) * HEAD_DIM * padded_len
-    tl.store(
-        dst + cols[None, :] * padded_len + rows[:, None], y.to(tl.float8e4nv), mask=valid[:, None]
-    )
+    if INT8:
+        y = tl.minimum(tl.maximum((v - mean[None, :]) / scale[None, :], -127.0), 127.0)
+        y = tl.where(valid[:, None], y, 0.0)
+        quantized = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+        where = cols[None, :] * padded_len + pv8_position(rows)[:, None]
+        tl.store(dst + where, quantized, mask=(rows < padded_len)[:, None])
+        sums = tl.sum(quantized.to(tl.int32), axis=0) * 127 + 0x4B400000
+        tl.store(sums_ptr + (pid_bh * tl.num_programs(0) + pid_s) * HEAD_DIM + cols, sums)
+    else:
+        y = tl.minimum(tl.maximum((v - mean[None, :]) / scale[None, :], -448.0), 448.0)
+        y = tl.where(valid[:, None], y, 0.0)
+        tl.store(
+            dst + cols[None, :] * padded_len + rows[:, None],
+            y.to(tl.float8e4nv),
+            mask=valid[:, None],
+        )
 
 
 @triton.jit

@@ -50,6 +50,7 @@ from smartdiff.attention.int8_kernels import (
 )
 from smartdiff.attention.quantization import (
     FP8_MAX,
+    INT8_MAX,
     K_BLOCK,
     LOG2E,
     Q_BLOCK,
@@ -68,7 +69,8 @@ HEAD_DIMS: Final = (64, 128)
 Q_ROWS: Final = SPARSE_Q_BLOCK  # query rows per quantization program (and pooled block)
 K_ROWS: Final = SPARSE_K_BLOCK  # key rows per quantization program (and pooled block)
 V_ROWS: Final = 64
-FP8_PAD: Final = 16  # FP8 V rows are padded to a multiple of this (16-byte aligned strides)
+V8_TILE: Final = 128  # INT8 V: tokens per column sum (one key tile of sd-int8-wgmma)
+FP8_PAD: Final = 16  # quantized V rows are padded to a multiple of this (16-byte aligned strides)
 PREPROCESS_WARPS: Final = 8  # a 128 x 128 fp32 tile per quantization program
 OP_NAME: Final = "smartdiff::int8_attention"
 
@@ -129,15 +131,33 @@ def _quantize(
     return values, scales, PooledBlocks(pooled, similarity) if pool else None, dots
 
 
-def _quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """e4m3 V ``[B, H, D, padded]`` and its fp32 ``scale``, ``mean`` ``[B, H, D]``."""
+def quantize_v(
+    v: torch.Tensor, int8: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """V smoothed by its per-channel mean and quantized per channel, tokens contiguous:
+    ``(values [B, H, D, padded], scale, mean [B, H, D] fp32, sums)`` with ``v ~ values * scale
+    + mean``. e4m3 (the FP8 PV of ``sd-int8-fp8``; ``sums`` is None), or with ``int8`` INT8
+    whose tokens are reordered within each 16 by :func:`.int8_kernels.pv8_position`, padded
+    with zeros to whole tiles of :data:`V8_TILE` tokens, and ``sums [B, H, tiles, D]`` int32
+    (:func:`.int8_kernels.quantize_v_kernel`; the INT8 PV of ``sd-int8-wgmma``)."""
     batch, heads, tokens, dim = v.shape
     mean = v.mean(dim=2, dtype=torch.float32)
     spread = torch.maximum(v.amax(dim=2).float() - mean, mean - v.amin(dim=2).float())
-    scale = (spread.clamp_min(SCALE_FLOOR) / FP8_MAX).contiguous()
-    padded = triton.cdiv(tokens, FP8_PAD) * FP8_PAD
-    out = torch.empty((batch, heads, dim, padded), dtype=torch.float8_e4m3fn, device=v.device)
-    quantize_v_kernel[(triton.cdiv(tokens, V_ROWS), batch * heads)](
+    top = INT8_MAX if int8 else FP8_MAX
+    scale = (spread.clamp_min(SCALE_FLOOR) / top).contiguous()
+    rows = V8_TILE if int8 else V_ROWS
+    padded = triton.cdiv(tokens, rows if int8 else FP8_PAD) * (rows if int8 else FP8_PAD)
+    out = torch.empty(
+        (batch, heads, dim, padded),
+        dtype=torch.int8 if int8 else torch.float8_e4m3fn,
+        device=v.device,
+    )
+    sums = (
+        torch.empty((batch, heads, padded // rows, dim), dtype=torch.int32, device=v.device)
+        if int8
+        else None
+    )
+    quantize_v_kernel[(triton.cdiv(padded if int8 else tokens, rows), batch * heads)](
         v,
         mean,
         scale,
@@ -148,11 +168,13 @@ def _quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         v.stride(0),
         v.stride(1),
         v.stride(2),
-        ROWS=V_ROWS,
+        ROWS=rows,
         HEAD_DIM=dim,
+        INT8=int8,
+        sums_ptr=sums,
         num_warps=PREPROCESS_WARPS,
     )
-    return out, scale, mean
+    return out, scale, mean, sums
 
 
 def _check_inputs(
@@ -256,7 +278,7 @@ def _forward(
     q8, q_scale, k8, k_scale, shift = qk.q, qk.q_scale, qk.k, qk.k_scale, qk.shift
     pooled_q, pooled_k = qk.pooled_q, qk.pooled_k
     if pv_fp8:
-        v_in, v_scale, v_mean = _quantize_v_fp8(v)
+        v_in, v_scale, v_mean, _ = quantize_v(v)
         v_strides = (v_in.stride(0), v_in.stride(1), v_in.stride(3), v_in.stride(2))
     else:
         v_in, v_scale, v_mean = v, shift, shift  # the scale/mean pointers go unused

@@ -63,7 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from smartdiff.attention.int8_triton import channels_last, quantize_qk
+from smartdiff.attention.int8_triton import channels_last, quantize_qk, quantize_v
 from smartdiff.attention.quantization import check_qkv
 
 OP_NAME: Final = "smartdiff::int8_wgmma_attention"
@@ -80,6 +80,8 @@ WG1 = gl.constexpr(1)
 INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)
 INT_TO_FLOAT_OFFSET = gl.constexpr(-12582912.0)  # -1.5 * 2**23
 LN2 = gl.constexpr(0.6931471805599453)
+LOG2_P_MAX = gl.constexpr(7.988684686772166)  # log2(254): INT8 P is 254 * exp2(s - max) - 127
+P_ROUNDING = gl.constexpr(12582912.0 - 127.0)  # 1.5 * 2**23 - 127
 # the TMA load is ``async_copy_global_to_shared`` in Triton 3.6-3.x and ``async_load`` later
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -122,6 +124,50 @@ def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexp
     p = gl.exp2(x)
     alpha = gl.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _softmax8(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr):
+    """``_softmax`` (folded) for INT8 PV: P relative to each row's maximum in this tile, times
+    254, minus 127 and rounded to int8 (the whole signed range; PV adds 127 x V's column sums
+    back), its columns reordered to the INT8 A-operand order
+    (:func:`.int8_kernels.pv8_position`), and ``beta``, the tile's weight against the running
+    maximum (``alpha`` rescales what was accumulated before)."""
+    u = (s + INT_TO_FLOAT_BITS).to(gl.float32, bitcast=True)
+    if MASK:
+        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        valid = (cols < seq_k)[None, :]
+        s_max = gl.max(gl.where(valid, s, -2147483647), axis=1)
+    else:
+        s_max = gl.max(s, axis=1)
+    row_scale = q_scale * scale
+    t_max = s_max.to(gl.float32) * row_scale
+    m_new = gl.maximum(m_i, t_max)
+    x = gl.fma(u, row_scale[:, None], (q_scale * offset - t_max + LOG2_P_MAX)[:, None])
+    if MASK:
+        x = gl.where(valid, x, float("-inf"))
+    p = gl.exp2(x)  # 254 * exp2(score - the row's tile maximum), in [0, 254]
+    alpha = gl.exp2(m_i - m_new)
+    beta = gl.exp2(t_max - m_new)
+    l_i = l_i * alpha + beta * gl.sum(p, axis=1)
+    # p - 127 + 1.5 * 2**23 rounds p - 127 to an integer, which the float's low byte holds
+    p8 = (p + P_ROUNDING).to(gl.int32, bitcast=True).to(gl.int8)
+    rows: gl.constexpr = s.shape[0]
+    groups: gl.constexpr = s.shape[1] // 16
+    p8 = gl.reshape(gl.permute(gl.reshape(p8, [rows, groups, 2, 4, 2]), (0, 1, 3, 2, 4)),
+                    [rows, s.shape[1]])  # fmt: skip
+    return p8, alpha, beta, m_new, l_i
+
+
+@gluon.jit
+def _accumulate8(acc, pv, alpha, beta, sums_ptr):
+    """``acc * alpha + beta * (pv + 127 x column sums of V)``: the int32 PV turned into fp32 by
+    the bits trick, with the per-channel addend from ``sums_ptr`` (``0x4B400000 + 127 x sum``;
+    :func:`.int8_kernels.quantize_v_kernel`); the float offset goes in with the rescale (its
+    rounding is below 1e-4 of a tile's sum)."""
+    cols = gl.arange(0, pv.shape[1], layout=gl.SliceLayout(0, pv.type.layout))
+    f = (pv + gl.load(sums_ptr + cols)[None, :]).to(gl.float32, bitcast=True)
+    return gl.fma(f, beta[:, None], gl.fma(acc, alpha[:, None], (beta * INT_TO_FLOAT_OFFSET)[:, None]))
 
 
 @gluon.jit
@@ -181,12 +227,32 @@ def _step(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-              qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
-              off_m, stride_ob, stride_oh, stride_os,
+              qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
+              seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
               WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
-              FOLD: gl.constexpr):  # fmt: skip
+              FOLD: gl.constexpr, PV8: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output."""
+    if PV8:
+        _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                   qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
+                   seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
+                   WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)  # fmt: skip
+    else:
+        _consumer16(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                    qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h,
+                    bh, off_m, stride_ob, stride_oh, stride_os,
+                    WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD)  # fmt: skip
+
+
+@gluon.jit
+def _consumer16(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+                qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
+                off_m, stride_ob, stride_oh, stride_os,
+                WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
+                FOLD: gl.constexpr):  # fmt: skip
+    """BF16 PV: 64 query rows against every key tile, then the output."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
@@ -251,9 +317,116 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, t
 
 
 @gluon.jit
+def _step8(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, sums_ptr,
+           seq_k, n, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero,
+           WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+           MASK: gl.constexpr):  # fmt: skip
+    """Key tile n with INT8 PV: PV of tile n - 1, its int32 product into the fp32 accumulator,
+    then QK^T of tile n and the softmax. One product in flight at a time per warpgroup (two
+    int32 accumulators, the fp32 one and P do not fit in 240 registers); the other warpgroup
+    keeps the tensor cores busy meanwhile."""
+    block_n: gl.constexpr = s_zero.shape[1]
+    ks = n % STAGES
+    vs = (n - 1) % STAGES
+    scale, offset = _key_scale(ks_ptr, n * block_n)
+    mbarrier.wait(v_full.index(vs), ((n - 1) // STAGES) & 1)
+    _take_turn(turn, WG, n, PINGPONG)
+    pv_tok = _values8(p, v_smem, vs, s_zero)
+    # (P is not among the dependencies: the wait cannot carry an 8-bit operand, and the next
+    # P is written only after this wait)
+    pv = warpgroup_mma_wait(0, deps=(pv_tok,))
+    mbarrier.arrive(v_empty.index(vs))
+    acc = _accumulate8(acc, pv, alpha, beta, sums_ptr + (n - 1) * acc.shape[1])
+    mbarrier.wait(k_full.index(ks), (n // STAGES) & 1)
+    s_tok = _scores(q_view, k_smem, ks, s_zero)
+    _give_turn(turn, WG, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(ks))
+    p8, alpha, beta, m_i, l_i = _softmax8(s, scale, offset, q_scale, m_i, l_i, n * block_n,
+                                          seq_k, MASK)  # fmt: skip
+    return acc, gl.convert_layout(p8, p.type.layout), alpha, beta, m_i, l_i
+
+
+@gluon.jit
+def _values8(p, v_smem, stage, s_zero):
+    """Issue P V of the (token-major INT8) value tile in ring ``stage`` (async; int32)."""
+    head_dim: gl.constexpr = s_zero.shape[1]
+    v_tile = v_smem.index(stage).reshape([head_dim, p.shape[1]]).permute((1, 0))
+    return warpgroup_mma(p, v_tile, s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+               qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
+               seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
+               WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               STAGES: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+    """``_consumer`` with INT8 PV: scores and values share one int32 accumulator layout."""
+    BLOCK_M: gl.constexpr = WG_ROWS
+    gl.static_assert(BLOCK_N == HEAD_DIM)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row0 = off_m + WG * BLOCK_M
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    row_ok = offs_m < seq_q
+    q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
+    ks_base = ks_ptr + bh * seq_k
+    sums_base = sums_ptr + bh * n_tiles * HEAD_DIM
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, s_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    q_view = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
+    scale, offset = _key_scale(ks_base, 0)
+    mbarrier.wait(k_full.index(0), 0)
+    _take_turn(turn, WG, 0, PINGPONG)
+    s_tok = _scores(q_view, k_smem, 0, s_zero)
+    _give_turn(turn, WG, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(0))
+    p8, alpha, beta, m_i, l_i = _softmax8(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True)
+    p = gl.convert_layout(p8, p_layout)
+    for n in range(1, n_tiles - 1):
+        acc, p, alpha, beta, m_i, l_i = _step8(
+            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, sums_base,
+            seq_k, n, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
+            False,
+        )  # fmt: skip
+    if n_tiles > 1:
+        acc, p, alpha, beta, m_i, l_i = _step8(
+            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, sums_base,
+            seq_k, n_tiles - 1, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero, WG, STAGES,
+            PINGPONG, True,
+        )  # fmt: skip
+    last = n_tiles - 1
+    mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
+    pv = warpgroup_mma_wait(0, deps=(_values8(p, v_smem, last % STAGES, s_zero),))
+    mbarrier.arrive(v_empty.index(last % STAGES))
+    acc = _accumulate8(acc, pv, alpha, beta, sums_base + last * HEAD_DIM)
+
+    total = gl.where(l_i > 0, l_i, 1.0)
+    cols = gl.arange(0, HEAD_DIM, layout=col_s)
+    v_scale = gl.load(vs_ptr + bh * HEAD_DIM + cols)
+    v_mean = gl.load(vm_ptr + bh * HEAD_DIM + cols)
+    out = gl.fma(acc / total[:, None], v_scale[None, :], v_mean[None, :])
+    rows = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
+    gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
+    shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    lse2 = m_i + gl.log2(total) - LOG2_P_MAX + shift
+    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok)
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
               v_full, v_empty, b, h, off_m, n_tiles,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV8: gl.constexpr):  # fmt: skip
     """Q once (both consumers' rows), then K tile t and V tile t - 1 at step t, in the order
     the consumers use them, each into its ring stage once both consumers released it."""
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
@@ -271,15 +444,21 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_e
             stage = tile % STAGES
             mbarrier.wait(v_empty.index(stage), ((tile // STAGES) & 1) ^ 1)
             mbarrier.expect(v_full.index(stage), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [b, h, tile * BLOCK_N, 0], v_full.index(stage), v_smem.index(stage))
+            if PV8:  # INT8 V is stored channel-major: [B, H, D, tokens]
+                _tma_load(v_desc, [b, h, 0, tile * BLOCK_N], v_full.index(stage),
+                          v_smem.index(stage))  # fmt: skip
+            else:
+                _tma_load(v_desc, [b, h, tile * BLOCK_N, 0], v_full.index(stage),
+                          v_smem.index(stage))  # fmt: skip
 
 
 @gluon.jit
 def wgmma_attention_kernel(
-    q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr,
+    q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr,
+    lse_ptr,
     seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr,
+    PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
 ):  # fmt: skip
     """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
     bh = gl.program_id(1)
@@ -288,9 +467,14 @@ def wgmma_attention_kernel(
     off_m = gl.program_id(0) * (2 * WG_ROWS)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, 1, 1, WG_ROWS, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(
-        gl.bfloat16, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout
-    )
+    if PV8:
+        v_smem = gl.allocate_shared_memory(
+            gl.int8, [STAGES, 1, 1, HEAD_DIM, BLOCK_N], v_desc.layout
+        )
+    else:
+        v_smem = gl.allocate_shared_memory(
+            gl.bfloat16, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout
+        )
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -330,6 +514,7 @@ def wgmma_attention_kernel(
                     n_tiles,
                     BLOCK_N,
                     STAGES,
+                    PV8,
                 ),
             ),  # fmt: skip
             (
@@ -347,6 +532,9 @@ def wgmma_attention_kernel(
                     qs_ptr,
                     ks_ptr,
                     shift_ptr,
+                    vs_ptr,
+                    vm_ptr,
+                    sums_ptr,
                     out_ptr,
                     lse_ptr,
                     seq_q,
@@ -366,6 +554,7 @@ def wgmma_attention_kernel(
                     PINGPONG,
                     OVERLAP_QK,
                     FOLD,
+                    PV8,
                 ),
             ),  # fmt: skip
             (
@@ -383,6 +572,9 @@ def wgmma_attention_kernel(
                     qs_ptr,
                     ks_ptr,
                     shift_ptr,
+                    vs_ptr,
+                    vm_ptr,
+                    sums_ptr,
                     out_ptr,
                     lse_ptr,
                     seq_q,
@@ -402,6 +594,7 @@ def wgmma_attention_kernel(
                     PINGPONG,
                     OVERLAP_QK,
                     FOLD,
+                    PV8,
                 ),
             ),  # fmt: skip
         ],
@@ -410,10 +603,11 @@ def wgmma_attention_kernel(
     )
 
 
-def _descriptor(x: torch.Tensor, rows: int, dtype: Any) -> TensorDescriptor:
-    """A 4-D TMA descriptor over ``x [B, H, S, D]`` (any strides, channels contiguous): tiles
-    of ``rows`` tokens of one head; reads past ``S`` come back as zeros."""
-    block = [1, 1, rows, x.shape[-1]]
+def _descriptor(x: torch.Tensor, rows: int, dtype: Any, cols: int | None = None) -> TensorDescriptor:
+    """A 4-D TMA descriptor over ``x [B, H, S, D]`` (any strides, the last dimension
+    contiguous): tiles of ``rows`` x ``cols`` (default all of ``D``) of one head; reads past
+    the end come back as zeros."""
+    block = [1, 1, rows, cols or x.shape[-1]]
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
@@ -441,24 +635,37 @@ def run_wgmma_attention(
     pingpong: bool = True,
     overlap_qk: bool = True,
     fold: bool = True,
+    pv8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``."""
     _check_inputs(q, k, v)
     if stages < 2:
         raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
+    if pv8 and not fold:
+        raise ValueError("sd-int8-wgmma: pv8=True needs fold=True (INT8 PV is folded only)")
     q, k, v = channels_last(q), channels_last(k), channels_last(v)
     batch, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     qk = quantize_qk(q, k, k_block=BLOCK_N, k_rows=BLOCK_N)
+    if pv8:
+        v8, v_scale, v_mean, sums = quantize_v(v, int8=True)
+        v_desc = _descriptor(v8, dim, gl.int8, cols=BLOCK_N)
+    else:
+        v_desc = _descriptor(v, BLOCK_N, gl.bfloat16)
+        v_scale = v_mean = qk.shift  # unused
+        sums = qk.q_scale  # unused
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
         _descriptor(qk.q, WG_ROWS.value, gl.int8),
         _descriptor(qk.k, BLOCK_N, gl.int8),
-        _descriptor(v, BLOCK_N, gl.bfloat16),
+        v_desc,
         qk.q_scale,
         qk.k_scale,
         qk.shift,
+        v_scale,
+        v_mean,
+        sums,
         out,
         lse,
         seq_q,
@@ -473,6 +680,7 @@ def run_wgmma_attention(
         PINGPONG=pingpong,
         OVERLAP_QK=overlap_qk,
         FOLD=fold,
+        PV8=pv8,
         num_warps=4,
         maxnreg=LAUNCH_REGISTERS,
     )
