@@ -287,6 +287,21 @@ def test_int8_emulation_meets_the_bound_against_fp32(q_block: int, k_block: int)
     assert relative_error(fp8, ref) <= 6e-2  # FP8 P costs ~4e-2 on random inputs
 
 
+def test_int8_pv_emulation_meets_the_bound_and_keeps_the_scores() -> None:
+    q, k, v = qkv(tokens=512, dim=128, dtype=torch.bfloat16)
+    ref, ref_lse = reference_attention(q, k, v)
+    bf16, bf16_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
+    out, lse = int8_attention_reference(q, k, v, pv_fp8=False, pv_int8=True, k_block=128)
+    # INT8 P and V add ~1e-2 in quadrature to the scores' ~1.1e-2 on random inputs
+    assert relative_error(bf16, ref) < relative_error(out, ref) <= BOUND
+    assert float((lse - bf16_lse).abs().max()) < 1e-5  # same scores, same normalizer
+    # V's mean is taken out and put back (bf16 rounding of the shifted output: ~1e-2 here)
+    shifted, _ = int8_attention_reference(q, k, v + 0.5, pv_fp8=False, pv_int8=True, k_block=128)
+    assert relative_error(shifted.float() - 0.5, out) < 3e-2
+    with pytest.raises(ValueError, match="pv_int8 needs pv_fp8=False and k_block=128"):
+        int8_attention_reference(q, k, v, pv_fp8=False, pv_int8=True, k_block=64)
+
+
 # ---------------------------------------------------------------------- block sparsity
 
 
@@ -381,6 +396,17 @@ _INTERPRETED_CHECK = textwrap.dedent("""
     ref, ref_lse = int8_attention_reference(qs, ks, vs, pv_fp8=False, block_mask=mask)
     result["sparse"] = [rel(out, ref), float((lse - ref_lse).abs().max()),
                         float(mask.float().mean())]
+    # INT8 V of sd-int8-wgmma: tokens reordered within each 16, zero padding, column sums
+    from smartdiff.attention.int8_triton import quantize_v
+    v8, scale, mean, sums = quantize_v(v, int8=True)
+    t = torch.arange(v8.shape[-1])
+    where = (t & -16) | (((t >> 1) & 3) << 2) | (((t >> 3) & 1) << 1) | (t & 1)
+    tokens = v8[..., where].float()  # back in token order
+    back = tokens[..., :200].transpose(-1, -2) * scale[:, :, None] + mean[:, :, None]
+    column_sums = tokens.unflatten(-1, (-1, 128)).sum(-1).long().transpose(-1, -2)
+    expect = column_sums * 127 + 0x4B400000
+    result["v8"] = [list(v8.shape), float(((back - v.float()).abs() / scale[:, :, None]).max()),
+                    bool((tokens[..., 200:] == 0).all()), bool(torch.equal(sums.long(), expect))]
     print(json.dumps(result))
 """)
 
@@ -414,6 +440,8 @@ def test_triton_kernels_match_their_emulation_in_the_interpreter() -> None:
     sparse_error, sparse_lse_error, density = result["sparse"]
     assert density == 0.5  # each query block computes 2 of its 4 key tiles
     assert sparse_error < 1.5e-2 and sparse_lse_error < 4e-4
+    shape, error, padding_zero, sums_right = result["v8"]
+    assert shape == [1, 2, 64, 256] and error <= 0.5 + 1e-3 and padding_zero and sums_right
 
 
 @triton_missing
@@ -543,9 +571,11 @@ def test_gpu_wgmma_int8_pv_matches_exact_attention(seq_q: int, seq_k: int) -> No
         v = views(seq_k, offset)
         out, lse = run_wgmma_attention(q, k, v, pv8=True)
         exact, exact_lse = reference_attention(q, k, v)
+        ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, pv_int8=True, k_block=128)
         assert out.shape == q.shape and out.stride() == (seq_q * 3 * 128, 128, 3 * 128, 1)
+        assert float((lse - ref_lse).abs().max()) < 4e-3
         assert float((lse - exact_lse).abs().max()) < 5e-2
-        assert relative_error(out, exact) <= BOUND
+        assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
     for stages, pingpong in ((3, True), (2, False)):
         other, other_lse = run_wgmma_attention(q, k, v, stages=stages, pingpong=pingpong, pv8=True)
         assert torch.equal(other, out) and torch.equal(other_lse, lse)

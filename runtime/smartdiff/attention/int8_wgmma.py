@@ -161,10 +161,10 @@ def _softmax8(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constex
 
 @gluon.jit
 def _accumulate8(acc, pv, alpha, beta, sums_ptr):
-    """``acc * alpha + beta * (pv + 127 x column sums of V)``: the int32 PV turned into fp32 by
-    the bits trick, with the per-channel addend from ``sums_ptr`` (``0x4B400000 + 127 x sum``;
-    :func:`.int8_kernels.quantize_v_kernel`); the float offset goes in with the rescale (its
-    rounding is below 1e-4 of a tile's sum)."""
+    """``acc * alpha + beta * sum (P + 127) V``: the int32 PV turned into fp32 by the bits
+    trick, its per-channel addend (``0x4B400000 + 127 x`` the tile's column sums of V) read
+    from ``sums_ptr`` (:func:`.int8_kernels.quantize_v_kernel`); the float offset goes in with
+    the rescale (its rounding is below 1e-4 of a tile's sum)."""
     cols = gl.arange(0, pv.shape[1], layout=gl.SliceLayout(0, pv.type.layout))
     f = (pv + gl.load(sums_ptr + cols)[None, :]).to(gl.float32, bitcast=True)
     return gl.fma(f, beta[:, None], gl.fma(acc, alpha[:, None], (beta * INT_TO_FLOAT_OFFSET)[:, None]))
@@ -321,10 +321,11 @@ def _step8(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_pt
            seq_k, n, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero,
            WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
            MASK: gl.constexpr):  # fmt: skip
-    """Key tile n with INT8 PV: PV of tile n - 1, its int32 product into the fp32 accumulator,
-    then QK^T of tile n and the softmax. One product in flight at a time per warpgroup (two
-    int32 accumulators, the fp32 one and P do not fit in 240 registers); the other warpgroup
-    keeps the tensor cores busy meanwhile."""
+    """Key tile n with INT8 PV: PV of tile n - 1 into the fp32 accumulator, then QK^T of tile
+    n and its softmax, one product in flight at a time per warpgroup (the other warpgroup's
+    fill the tensor cores meanwhile). With both in flight -- PV's and QK^T's int32
+    accumulators, the fp32 one and P's int8 values (one register each until the wgmma packs
+    them) -- ptxas spills 580 bytes (Triton 3.6)."""
     block_n: gl.constexpr = s_zero.shape[1]
     ks = n % STAGES
     vs = (n - 1) % STAGES
@@ -349,7 +350,7 @@ def _step8(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_pt
 
 @gluon.jit
 def _values8(p, v_smem, stage, s_zero):
-    """Issue P V of the (token-major INT8) value tile in ring ``stage`` (async; int32)."""
+    """Issue P V of the (channel-major INT8) value tile in ring ``stage`` (async; int32)."""
     head_dim: gl.constexpr = s_zero.shape[1]
     v_tile = v_smem.index(stage).reshape([head_dim, p.shape[1]]).permute((1, 0))
     return warpgroup_mma(p, v_tile, s_zero, use_acc=False, is_async=True)

@@ -48,6 +48,7 @@ Q_BLOCK: Final = 1  # query rows sharing one INT8 scale (default: per token)
 K_BLOCK: Final = 1  # key rows sharing one INT8 scale
 LOG2E: Final = 1.4426950408889634
 LN2: Final = 0.6931471805599453
+PV_INT8_TILE: Final = 128  # keys per INT8 P tile (sd-int8-wgmma's key tile)
 SCALE_FLOOR: Final = 1e-20  # an all-zero block quantizes to zeros with this scale
 # FP8 PV: P (<= 1) is scaled by 2^8.78 = 439.4 before its e4m3 cast, just under e4m3's largest
 # value, so the kernel can fold the scaling into its exp2 (whose last-bit error must not
@@ -132,6 +133,7 @@ def int8_attention_reference(
     v: torch.Tensor,
     *,
     pv_fp8: bool,
+    pv_int8: bool = False,
     smooth_k: bool = True,
     q_block: int = Q_BLOCK,
     k_block: int = K_BLOCK,
@@ -145,8 +147,19 @@ def int8_attention_reference(
     sparse kernel's tiles) keeps only the marked query-block x key-block tiles (the
     block-sparse variant); every query block must keep at least one key block. Dense scores
     are materialized: for small shapes (tests, probes).
+
+    ``pv_int8`` emulates ``sd-int8-wgmma``'s INT8 PV (``k_block`` must be 128, the tile):
+    V centered per channel and rounded to INT8 with one scale per channel; in each tile of
+    128 keys P is ``254 * exp2(score - the row's maximum in the tile) - 127`` rounded to an
+    integer, its product with V taken exactly, 127 x the tile's column sums of V added back,
+    and the tile weighed by ``exp2(its maximum - the row's maximum)``.
     """
     check_qkv(q, k, v)
+    if pv_int8 and (pv_fp8 or k_block != PV_INT8_TILE):
+        raise ValueError(
+            f"int8_attention_reference: pv_int8 needs pv_fp8=False and k_block="
+            f"{PV_INT8_TILE}, got pv_fp8={pv_fp8}, k_block={k_block}"
+        )
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
     k_mean = k.float().mean(dim=2) if smooth_k else None
     qq = quantize_per_block(q, q_block, pre_scale=sm_scale * LOG2E)
@@ -160,7 +173,9 @@ def int8_attention_reference(
     row_max = scores.amax(dim=-1, keepdim=True)
     probs = torch.exp2(scores - row_max)
     total = probs.sum(dim=-1)
-    if pv_fp8:
+    if pv_int8:
+        out, total = _pv_int8(scores, row_max, v)
+    elif pv_fp8:
         v_mean = v.float().mean(dim=2, keepdim=True)  # [B, H, 1, D]
         v_centered = v.float() - v_mean
         v_scale = value_scale_fp8(v_centered)  # [B, H, D]
@@ -173,6 +188,31 @@ def int8_attention_reference(
     if k_mean is not None:  # undo the smoothing shift q . mean(K) (base 2, from the exact q)
         lse2 = lse2 + torch.einsum("bhsd,bhd->bhs", q.float() * (sm_scale * LOG2E), k_mean)
     return out.to(q.dtype), lse2 * LN2
+
+
+def _pv_int8(
+    scores: torch.Tensor, row_max: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 PV of ``sd-int8-wgmma`` (see ``int8_attention_reference``): ``(out, total)``."""
+    tile = PV_INT8_TILE
+    batch, heads, rows, keys = scores.shape
+    tiles = math.ceil(keys / tile)
+    pad = tiles * tile - keys
+    v_mean = v.float().mean(dim=2, keepdim=True)
+    centered = v.float() - v_mean
+    v_scale = centered.abs().amax(dim=2, keepdim=True).clamp_min(SCALE_FLOOR) / INT8_MAX
+    v8 = round_half_away(centered / v_scale).clamp(-INT8_MAX, INT8_MAX)
+    v8 = torch.nn.functional.pad(v8, (0, 0, 0, pad)).reshape(batch, heads, tiles, tile, -1)
+    s = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    s = s.reshape(batch, heads, rows, tiles, tile)
+    tile_max = s.amax(dim=-1, keepdim=True)
+    p = 254.0 * torch.exp2(s - tile_max)
+    p8 = torch.round(p - 127.0)  # the kernel rounds by a float add: to nearest, ties to even
+    products = torch.einsum("bhrtk,bhtkd->bhrtd", p8 + 127.0, v8)  # exact in fp32: < 2**22
+    weight = torch.exp2(tile_max - row_max[..., None])  # [B, H, rows, tiles, 1]
+    total = (weight[..., 0] * p.sum(dim=-1)).sum(dim=-1)
+    out = (weight * products).sum(dim=-2) / total[..., None] * v_scale + v_mean
+    return out, total / 254.0
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
