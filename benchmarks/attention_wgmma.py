@@ -4,10 +4,11 @@
 the shared-memory ring depth ``stages``, ``pingpong`` (the two consumer warpgroups take turns
 issuing their matrix products), ``overlap_qk`` (PV of the previous tile is issued before
 waiting for this tile's scores) and ``fold`` (the softmax's scales and row maximum in one
-multiply-add per score). This script times a set of combinations next to cuDNN SDPA and the
-plain-Triton ``sd-int8`` on the same inputs, checks each against an fp32 reference on a sample of
-query rows, and checks that the schedule switches change nothing in the output (only ``fold``
-changes the arithmetic). The backend ships ``stages=2`` with the other three on.
+multiply-add per score), plus ``pv8`` (INT8 PV, experimental). This script times a set of
+combinations next to cuDNN SDPA and the plain-Triton ``sd-int8`` on the same inputs, checks
+each against an fp32 reference on a sample of query rows, and checks that the schedule switches
+change nothing in the output (only ``fold`` and ``pv8`` change the arithmetic). The backend
+ships ``stages=2`` with ``pingpong``, ``overlap_qk`` and ``fold`` on, ``pv8`` off.
 
 History: the first Gluon prototype (one consumer warpgroup of 64 rows, 64-key tiles, per-key
 scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
@@ -15,6 +16,7 @@ scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
 
     python benchmarks/attention_wgmma.py                     # 1.3B and 14B shapes, random
     python benchmarks/attention_wgmma.py --shapes 14b --inputs smooth
+    python benchmarks/attention_wgmma.py --pv8-only      # the INT8-PV variants only
 
 Needs an sm_90 GPU, torch and Triton >= 3.6 (Gluon). Writes JSON to ``--out`` (default
 ``benchmarks/results/attention_wgmma_<gpu>.json``), rewritten after every shape.

@@ -38,6 +38,15 @@ column vectors per thread, which pushed ptxas to spill and to move the softmax a
 wait. The last key tile is peeled out of the loop and masked by a compile-time switch: a
 runtime branch inside the loop made ptxas wait for every wgmma before the softmax.
 
+``PV8`` (``run_wgmma_attention(..., pv8=True)``, experiments only: over the 2e-2 bound and
+slower than BF16 PV as built; docs/performance.md has the figures) swaps BF16 PV for INT8 PV:
+V centered and rounded per channel (:func:`.int8_triton.quantize_v`), stored channel-major with
+the tokens of each 16 reordered so that the scores' registers are already an INT8 A operand;
+P is ``254 * exp2(score - the row's tile maximum) - 127`` in int8, with 127 x the tile's column
+sums of V added back to the int32 product, and each tile weighed against the running maximum
+when it goes into the fp32 accumulator. Emulated by
+``quantization.int8_attention_reference(..., pv_int8=True)``.
+
 Inputs: ``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]``, bf16 on an sm_90 GPU, ``D = 128``, any
 strides with the channels contiguous; output ``[B, H, Sq, D]`` (a view of ``[B, Sq, H, D]``)
 and the natural-log LSE ``[B, H, Sq]``. Needs Triton >= 3.6 (Gluon). One
@@ -167,7 +176,8 @@ def _accumulate8(acc, pv, alpha, beta, sums_ptr):
     the rescale (its rounding is below 1e-4 of a tile's sum)."""
     cols = gl.arange(0, pv.shape[1], layout=gl.SliceLayout(0, pv.type.layout))
     f = (pv + gl.load(sums_ptr + cols)[None, :]).to(gl.float32, bitcast=True)
-    return gl.fma(f, beta[:, None], gl.fma(acc, alpha[:, None], (beta * INT_TO_FLOAT_OFFSET)[:, None]))
+    rescaled = gl.fma(acc, alpha[:, None], (beta * INT_TO_FLOAT_OFFSET)[:, None])
+    return gl.fma(f, beta[:, None], rescaled)
 
 
 @gluon.jit
@@ -604,7 +614,9 @@ def wgmma_attention_kernel(
     )
 
 
-def _descriptor(x: torch.Tensor, rows: int, dtype: Any, cols: int | None = None) -> TensorDescriptor:
+def _descriptor(
+    x: torch.Tensor, rows: int, dtype: Any, cols: int | None = None
+) -> TensorDescriptor:
     """A 4-D TMA descriptor over ``x [B, H, S, D]`` (any strides, the last dimension
     contiguous): tiles of ``rows`` x ``cols`` (default all of ``D``) of one head; reads past
     the end come back as zeros."""
