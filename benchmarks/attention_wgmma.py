@@ -43,18 +43,24 @@ from smartdiff.attention.int8_triton import int8_attention_lse  # noqa: E402
 from smartdiff.attention.int8_wgmma import run_wgmma_attention  # noqa: E402
 
 SWITCHES = [
-    {"stages": stages, "pingpong": pingpong, "overlap_qk": overlap, "fold": fold, "pv8": pv8}
-    for fold, pv8, stages, pingpong, overlap in (
-        (False, False, 3, True, True),
-        (False, False, 2, True, True),
-        (False, False, 3, True, False),
-        (True, False, 3, True, True),
-        (True, False, 2, True, True),
-        (True, False, 3, False, True),
-        (True, False, 2, False, True),
-        (True, True, 2, True, True),
-        (True, True, 3, True, True),
-        (True, True, 2, False, True),
+    {
+        "stages": stages,
+        "pingpong": pingpong,
+        "overlap_qk": overlap,
+        "fold": fold,
+        "sum_mma": sum_mma,
+        "pv8": pv8,
+    }
+    for fold, sum_mma, pv8, stages, pingpong, overlap in (
+        (False, False, False, 2, True, True),
+        (False, False, False, 3, True, False),
+        (True, False, False, 2, True, True),
+        (True, False, False, 3, True, True),
+        (True, True, False, 2, True, True),
+        (True, True, False, 3, True, True),
+        (True, True, False, 2, False, True),
+        (True, False, True, 2, True, True),
+        (True, False, True, 2, False, True),
     )
 ]
 
@@ -94,13 +100,13 @@ def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     entry["sd-int8"] = {**figures(shipped), "rel_error": error(int8_attention_lse(q, k, v)[0])}
     print(f"{shape}/{kind}: cuDNN {flops / base / 1e12:.0f} TFLOP/s, sd-int8 "
           f"{flops / shipped / 1e12:.0f}", flush=True)  # fmt: skip
-    firsts: dict[tuple[bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+    firsts: dict[tuple[bool, bool, bool], tuple[torch.Tensor, torch.Tensor]] = {}
     entry["sd-int8-wgmma"] = []
     for switches in SWITCHES:
         if args.pv8_only and not switches["pv8"]:
             continue
         out, lse = run_wgmma_attention(q, k, v, **switches)
-        arithmetic = (bool(switches["fold"]), bool(switches["pv8"]))
+        arithmetic = (bool(switches["fold"]), bool(switches["sum_mma"]), bool(switches["pv8"]))
         first, first_lse = firsts.setdefault(arithmetic, (out, lse))
         seconds = median(lambda s=switches: run_wgmma_attention(q, k, v, **s))
         result = {

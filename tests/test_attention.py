@@ -9,6 +9,7 @@ kernels themselves on the CPU under ``TRITON_INTERPRET=1`` against that emulatio
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -542,15 +543,17 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
     assert float((lse - ref_lse).abs().max()) < 4e-3
     assert float((lse - exact_lse).abs().max()) < 5e-2
     assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
-    for fold in (True, False):  # the default folds; both arithmetics stay this close
-        base, base_lse = run_wgmma_attention(q, k, v, fold=fold)
+    # the default folds and sums P's rows on the tensor cores; all four arithmetics stay close
+    for fold, sum_mma in itertools.product((True, False), (True, False)):
+        base, base_lse = run_wgmma_attention(q, k, v, fold=fold, sum_mma=sum_mma)
         assert float((base_lse - ref_lse).abs().max()) < 4e-3
         assert relative_error(base, ref) < 5e-3
         # the schedule switches change the order of issue, not the arithmetic
         for stages, pingpong, overlap_qk in ((3, True, True), (2, False, False), (4, True, False)):
             other, other_lse = run_wgmma_attention(
-                q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, fold=fold
-            )
+                q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, fold=fold,
+                sum_mma=sum_mma,
+            )  # fmt: skip
             assert torch.equal(other, base) and torch.equal(other_lse, base_lse)
     assert torch.equal(run_wgmma_attention(q, k, v)[0], out)
 

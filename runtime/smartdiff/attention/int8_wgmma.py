@@ -38,6 +38,11 @@ column vectors per thread, which pushed ptxas to spill and to move the softmax a
 wait. The last key tile is peeled out of the loop and masked by a compile-time switch: a
 runtime branch inside the loop made ptxas wait for every wgmma before the softmax.
 
+``SUM_MMA`` (``sum_mma=True``, off by default) takes P's row sums on the tensor cores (a
+64x8 product of P with a tile of ones per PV) instead of one float add per probability: 25%
+fewer instructions in the softmax, but 2-7% slower on the H200
+(``benchmarks/results/attention_wgmma_sum_mma_h200.json``): the kernel is not issue-bound.
+
 ``PV8`` (``run_wgmma_attention(..., pv8=True)``, experiments only: over the 2e-2 bound and
 slower than BF16 PV as built; docs/performance.md has the figures) swaps BF16 PV for INT8 PV:
 V centered and rounded per channel (:func:`.int8_triton.quantize_v`), stored channel-major with
@@ -65,6 +70,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -104,7 +110,7 @@ def _key_scale(ks_ptr, key0):
 
 @gluon.jit
 def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr,
-             FOLD: gl.constexpr):  # fmt: skip
+             FOLD: gl.constexpr, SUM_MMA: gl.constexpr):  # fmt: skip
     """int32 scores of one tile -> fp32 probabilities (scores' layout) and the row state.
 
     With ``FOLD`` the row maximum is taken on the integer scores (exact, and the key scale is
@@ -132,7 +138,10 @@ def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexp
         x = gl.where(valid, x, float("-inf"))
     p = gl.exp2(x)
     alpha = gl.exp2(m_i - m_new)
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+    if SUM_MMA:  # the row sums come from the tensor cores (_row_sums), with PV
+        return p, alpha, m_new, l_i
+    else:
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
 
 @gluon.jit
@@ -181,6 +190,28 @@ def _accumulate8(acc, pv, alpha, beta, sums_ptr):
 
 
 @gluon.jit
+def _to_bf16(x):
+    """fp32 -> bf16, two at a time into one register (``cvt.rn.bf16x2.f32``): the pair a
+    thread holds side by side in the scores is the pair the A operand wants in one register;
+    ``.to(gl.bfloat16)`` converts them one by one and ptxas then swaps the halves (a PRMT
+    per pair)."""
+    return gl.inline_asm_elementwise(
+        "cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.bfloat16, is_pure=True, pack=2
+    )
+
+
+@gluon.jit
+def _row_sums(p, ones, l_i, alpha):
+    """Issue ``l_i * alpha + P @ ones`` (async): the row sums of the BF16 P that PV uses, on
+    the tensor cores (one m64n8 product per 16 keys, 1/16 of PV's work) instead of one float
+    add per probability; ``l_i`` is ``[rows, 8]``, every column the sum."""
+    row_l: gl.constexpr = gl.SliceLayout(1, l_i.type.layout)
+    l_i = l_i * gl.convert_layout(alpha, row_l)[:, None]
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_i.type.layout, k_width=2)
+    return warpgroup_mma(gl.convert_layout(p, p_layout), ones.permute((1, 0)), l_i, is_async=True)
+
+
+@gluon.jit
 def _take_turn(turn, WG: gl.constexpr, count, PINGPONG: gl.constexpr):
     """Wait until the other consumer has issued its products (warpgroup 0 goes first)."""
     if PINGPONG:
@@ -201,10 +232,11 @@ def _scores(q_view, k_smem, stage, s_zero):
 
 
 @gluon.jit
-def _step(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, seq_k,
-          n, acc, p, alpha, m_i, l_i, q_scale, s_zero,
+def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_ptr,
+          seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero,
           WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-          OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr):  # fmt: skip
+          OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr,
+          SUM_MMA: gl.constexpr):  # fmt: skip
     """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring)."""
     block_n: gl.constexpr = s_zero.shape[1]
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
@@ -221,27 +253,32 @@ def _step(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr
     mbarrier.wait(v_full.index(vs), ((n - 1) // STAGES) & 1)
     v_tile = v_smem.index(vs).reshape([block_n, acc.shape[1]])
     acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
+    if SUM_MMA:
+        l_tok = _row_sums(p, ones, l_i, alpha)
     _give_turn(turn, WG, PINGPONG)
     if OVERLAP_QK:
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(ks))
     p_f32, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, n * block_n, seq_k,
-                                      MASK, FOLD)  # fmt: skip
-    acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
+                                      MASK, FOLD, SUM_MMA)  # fmt: skip
+    if SUM_MMA:
+        acc, l_i, p = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p))
+    else:
+        acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
     mbarrier.arrive(v_empty.index(vs))
     # P is rounded only after the PV that reads the previous one is done: converting earlier
     # needs fresh registers while that PV is in flight
-    p = gl.convert_layout(p_f32.to(gl.bfloat16), p.type.layout)
+    p = gl.convert_layout(_to_bf16(p_f32), p.type.layout)
     return acc, p, alpha, m_i, l_i
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+def _consumer(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn,
               qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
               seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
               WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
-              FOLD: gl.constexpr, PV8: gl.constexpr):  # fmt: skip
+              FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output."""
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
@@ -249,19 +286,20 @@ def _consumer(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, t
                    seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
                    WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)  # fmt: skip
     else:
-        _consumer16(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-                    qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h,
-                    bh, off_m, stride_ob, stride_oh, stride_os,
-                    WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD)  # fmt: skip
+        _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty,
+                    turn, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
+                    h, bh, off_m, stride_ob, stride_oh, stride_os,
+                    WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
+                    SUM_MMA)  # fmt: skip
 
 
 @gluon.jit
-def _consumer16(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+def _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn,
                 qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
                 off_m, stride_ob, stride_oh, stride_os,
                 WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
-                FOLD: gl.constexpr):  # fmt: skip
+                FOLD: gl.constexpr, SUM_MMA: gl.constexpr):  # fmt: skip
     """BF16 PV: 64 query rows against every key tile, then the output."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -280,7 +318,13 @@ def _consumer16(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
     q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
     ks_base = ks_ptr + bh * seq_k
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+    if SUM_MMA:  # [rows, 8], every column the row sum (_row_sums)
+        l_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]
+        )
+        l_i = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
+    else:
+        l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
 
@@ -294,25 +338,31 @@ def _consumer16(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
     _give_turn(turn, WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(0))
-    p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True, FOLD)
-    p = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+    p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True, FOLD,
+                                  SUM_MMA)  # fmt: skip
+    p = gl.convert_layout(_to_bf16(p), p_layout)
     for n in range(1, n_tiles - 1):
         acc, p, alpha, m_i, l_i = _step(
-            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, seq_k,
-            n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG, OVERLAP_QK,
-            FOLD, False,
+            q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+            seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
+            OVERLAP_QK, FOLD, False, SUM_MMA,
         )  # fmt: skip
     if n_tiles > 1:  # the last tile, masked, peeled out of the loop
         acc, p, alpha, m_i, l_i = _step(
-            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, seq_k,
-            n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-            OVERLAP_QK, FOLD, True,
+            q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+            seq_k, n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES,
+            PINGPONG, OVERLAP_QK, FOLD, True, SUM_MMA,
         )  # fmt: skip
     last = n_tiles - 1
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
     v_tile = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
-    acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p, v_tile, acc, is_async=True),))
+    acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
+    if SUM_MMA:
+        acc, l_i = warpgroup_mma_wait(0, deps=(acc_tok, _row_sums(p, ones, l_i, alpha)))
+        l_i = gl.convert_layout(gl.max(l_i, axis=1), row_s)
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc_tok,))
     mbarrier.arrive(v_empty.index(last % STAGES))
 
     total = gl.where(l_i > 0, l_i, 1.0)
@@ -470,6 +520,7 @@ def wgmma_attention_kernel(
     seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
+    SUM_MMA: gl.constexpr,
 ):  # fmt: skip
     """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
     bh = gl.program_id(1)
@@ -492,6 +543,14 @@ def wgmma_attention_kernel(
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # a [8, BLOCK_N] tile of ones: B of the row-sum products (_row_sums)
+    ones_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                     rank=2)  # fmt: skip
+    ones = gl.allocate_shared_memory(
+        gl.bfloat16, [8, BLOCK_N], ones_layout,
+        gl.full([8, BLOCK_N], 1.0, gl.bfloat16, gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])),
+    )  # fmt: skip
+    fence_async_shared()
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_full.index(i), count=1)
@@ -534,6 +593,7 @@ def wgmma_attention_kernel(
                     q_smem,
                     k_smem,
                     v_smem,
+                    ones,
                     q_bar,
                     k_full,
                     k_empty,
@@ -566,6 +626,7 @@ def wgmma_attention_kernel(
                     OVERLAP_QK,
                     FOLD,
                     PV8,
+                    SUM_MMA,
                 ),
             ),  # fmt: skip
             (
@@ -574,6 +635,7 @@ def wgmma_attention_kernel(
                     q_smem,
                     k_smem,
                     v_smem,
+                    ones,
                     q_bar,
                     k_full,
                     k_empty,
@@ -606,6 +668,7 @@ def wgmma_attention_kernel(
                     OVERLAP_QK,
                     FOLD,
                     PV8,
+                    SUM_MMA,
                 ),
             ),  # fmt: skip
         ],
@@ -649,6 +712,7 @@ def run_wgmma_attention(
     overlap_qk: bool = True,
     fold: bool = True,
     pv8: bool = False,
+    sum_mma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``."""
     _check_inputs(q, k, v)
@@ -694,6 +758,7 @@ def run_wgmma_attention(
         OVERLAP_QK=overlap_qk,
         FOLD=fold,
         PV8=pv8,
+        SUM_MMA=sum_mma and not pv8,
         num_warps=4,
         maxnreg=LAUNCH_REGISTERS,
     )
