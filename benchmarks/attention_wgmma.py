@@ -1,14 +1,15 @@
 """The ``sd-int8-wgmma`` kernel's schedule switches, measured side by side at the Wan shapes.
 
-:mod:`smartdiff.attention.int8_wgmma` (read its docstring) has four compile-time switches:
-the shared-memory ring depth ``stages``, ``pingpong`` (the two consumer warpgroups take turns
-issuing their matrix products), ``overlap_qk`` (PV of the previous tile is issued before
-waiting for this tile's scores) and ``fold`` (the softmax's scales and row maximum in one
-multiply-add per score), plus ``pv8`` (INT8 PV, experimental). This script times a set of
-combinations next to cuDNN SDPA and the plain-Triton ``sd-int8`` on the same inputs, checks
-each against an fp32 reference on a sample of query rows, and checks that the schedule switches
-change nothing in the output (only ``fold`` and ``pv8`` change the arithmetic). The backend
-ships ``stages=2`` with ``pingpong``, ``overlap_qk`` and ``fold`` on, ``pv8`` off.
+:mod:`smartdiff.attention.int8_wgmma` (read its docstring) has four shipped compile-time
+switches: the shared-memory ring depth ``stages``, ``pingpong`` (the two consumer warpgroups
+take turns issuing their matrix products), ``overlap_qk`` (PV of the previous tile is issued
+before waiting for this tile's scores) and ``fold`` (the softmax's scales and row maximum in one
+multiply-add per score), and three experimental ones: ``sum_mma``, ``unroll`` and ``pv8`` (INT8
+PV). This script times a set of combinations next to cuDNN SDPA and the plain-Triton
+``sd-int8`` on the same inputs, checks each against an fp32 reference on a sample of query
+rows, and checks that the schedule switches change nothing in the output (``fold``,
+``sum_mma`` and ``pv8`` change the arithmetic). The backend ships ``stages=2`` with
+``pingpong``, ``overlap_qk`` and ``fold`` on, the experimental three off.
 
 History: the first Gluon prototype (one consumer warpgroup of 64 rows, 64-key tiles, per-key
 scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
@@ -50,17 +51,20 @@ SWITCHES = [
         "fold": fold,
         "sum_mma": sum_mma,
         "pv8": pv8,
+        "unroll": unroll,
     }
-    for fold, sum_mma, pv8, stages, pingpong, overlap in (
-        (False, False, False, 2, True, True),
-        (False, False, False, 3, True, False),
-        (True, False, False, 2, True, True),
-        (True, False, False, 3, True, True),
-        (True, True, False, 2, True, True),
-        (True, True, False, 3, True, True),
-        (True, True, False, 2, False, True),
-        (True, False, True, 2, True, True),
-        (True, False, True, 2, False, True),
+    for fold, sum_mma, pv8, stages, pingpong, overlap, unroll in (
+        (False, False, False, 2, True, True, 1),
+        (False, False, False, 3, True, False, 1),
+        (True, False, False, 2, True, True, 1),
+        (True, False, False, 3, True, True, 1),
+        (True, False, False, 2, True, True, 2),
+        (True, False, False, 3, True, True, 2),
+        (True, False, False, 2, False, True, 2),
+        (True, True, False, 2, True, True, 1),
+        (True, True, False, 2, False, True, 1),
+        (True, False, True, 2, True, True, 1),
+        (True, False, True, 2, False, True, 1),
     )
 ]
 

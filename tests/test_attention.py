@@ -180,6 +180,12 @@ def test_the_wgmma_kernel_rejects_what_it_cannot_take() -> None:
         run_wgmma_attention(q, k, v[:, :, :7])
     with pytest.raises(ValueError, match="stages=1 must be >= 2"):
         run_wgmma_attention(q, k, v, stages=1)
+    with pytest.raises(ValueError, match="unroll=3 must be 1 or 2"):
+        run_wgmma_attention(q, k, v, unroll=3)
+    with pytest.raises(ValueError, match="2 with BF16 PV only"):
+        run_wgmma_attention(q, k, v, unroll=2, pv8=True)
+    with pytest.raises(ValueError, match="pv8=True needs fold=True"):
+        run_wgmma_attention(q, k, v, pv8=True, fold=False)
 
 
 def test_quantize_qk_rejects_a_bad_key_block() -> None:
@@ -549,10 +555,12 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
         assert float((base_lse - ref_lse).abs().max()) < 4e-3
         assert relative_error(base, ref) < 5e-3
         # the schedule switches change the order of issue, not the arithmetic
-        for stages, pingpong, overlap_qk in ((3, True, True), (2, False, False), (4, True, False)):
+        for stages, pingpong, overlap_qk, unroll in (
+            (3, True, True, 1), (2, False, False, 1), (4, True, False, 1), (2, True, True, 2),
+        ):  # fmt: skip
             other, other_lse = run_wgmma_attention(
                 q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, fold=fold,
-                sum_mma=sum_mma,
+                sum_mma=sum_mma, unroll=unroll,
             )  # fmt: skip
             assert torch.equal(other, base) and torch.equal(other_lse, base_lse)
     assert torch.equal(run_wgmma_attention(q, k, v)[0], out)

@@ -43,6 +43,15 @@ runtime branch inside the loop made ptxas wait for every wgmma before the softma
 fewer instructions in the softmax, but 2-7% slower on the H200
 (``benchmarks/results/attention_wgmma_sum_mma_h200.json``): the kernel is not issue-bound.
 
+``UNROLL`` (``unroll=2``, off by default; compiled and inspected, not yet measured) runs two
+key tiles per loop iteration. With one, ptxas keeps the new P in the registers the in-flight PV
+reads, so it waits for that PV before the first exponential (Nsight Compute puts the kernel at
+61% tensor-pipe use, latency-bound: ``benchmarks/results/attention_wgmma_ncu_h200.txt``). Two
+tiles per iteration give the two P's their own registers in one of the two (and in the peeled
+tiles): the SASS shows all 64 exponentials of those steps between ``wgmma.wait_group 1`` and
+``0``, the softmax overlapping its own PV as in FlashAttention-3, at the price of 416 bytes of
+spills (Triton 3.6).
+
 ``PV8`` (``run_wgmma_attention(..., pv8=True)``, experiments only: over the 2e-2 bound and
 slower than BF16 PV as built; docs/performance.md has the figures) swaps BF16 PV for INT8 PV:
 V centered and rounded per channel (:func:`.int8_triton.quantize_v`), stored channel-major with
@@ -232,6 +241,20 @@ def _scores(q_view, k_smem, stage, s_zero):
 
 
 @gluon.jit
+def _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_ptr, s_zero, WG: gl.constexpr,
+                  PINGPONG: gl.constexpr):  # fmt: skip
+    """Tile 0's int32 scores (waited for; its K stage released) and its key scale."""
+    scale, offset = _key_scale(ks_ptr, 0)
+    mbarrier.wait(k_full.index(0), 0)
+    _take_turn(turn, WG, 0, PINGPONG)
+    s_tok = _scores(q_view, k_smem, 0, s_zero)
+    _give_turn(turn, WG, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(0))
+    return s, scale, offset
+
+
+@gluon.jit
 def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_ptr,
           seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero,
           WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
@@ -278,7 +301,8 @@ def _consumer(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_em
               seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
               WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
-              FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr):  # fmt: skip
+              FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr,
+              UNROLL: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output."""
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
@@ -290,7 +314,7 @@ def _consumer(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_em
                     turn, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
                     h, bh, off_m, stride_ob, stride_oh, stride_os,
                     WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
-                    SUM_MMA)  # fmt: skip
+                    SUM_MMA, UNROLL)  # fmt: skip
 
 
 @gluon.jit
@@ -299,7 +323,8 @@ def _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_
                 off_m, stride_ob, stride_oh, stride_os,
                 WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
-                FOLD: gl.constexpr, SUM_MMA: gl.constexpr):  # fmt: skip
+                FOLD: gl.constexpr, SUM_MMA: gl.constexpr,
+                UNROLL: gl.constexpr):  # fmt: skip
     """BF16 PV: 64 query rows against every key tile, then the output."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -331,22 +356,37 @@ def _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_
     mbarrier.wait(q_bar, 0)
     q_view = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
     # tile 0: scores and softmax (masked: it may be the last tile too)
-    scale, offset = _key_scale(ks_base, 0)
-    mbarrier.wait(k_full.index(0), 0)
-    _take_turn(turn, WG, 0, PINGPONG)
-    s_tok = _scores(q_view, k_smem, 0, s_zero)
-    _give_turn(turn, WG, PINGPONG)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(k_empty.index(0))
+    s, scale, offset = _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_base, s_zero, WG,
+                                     PINGPONG)  # fmt: skip
     p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True, FOLD,
                                   SUM_MMA)  # fmt: skip
     p = gl.convert_layout(_to_bf16(p), p_layout)
-    for n in range(1, n_tiles - 1):
-        acc, p, alpha, m_i, l_i = _step(
-            q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-            seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-            OVERLAP_QK, FOLD, False, SUM_MMA,
-        )  # fmt: skip
+    if UNROLL == 1:
+        for n in range(1, n_tiles - 1):
+            acc, p, alpha, m_i, l_i = _step(
+                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
+                OVERLAP_QK, FOLD, False, SUM_MMA,
+            )  # fmt: skip
+    else:  # two tiles per iteration (module docstring), the odd one after the loop
+        odd = (n_tiles - 2) % 2
+        for n in range(1, n_tiles - 1 - odd, 2):
+            acc, p, alpha, m_i, l_i = _step(
+                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
+                OVERLAP_QK, FOLD, False, SUM_MMA,
+            )  # fmt: skip
+            acc, p, alpha, m_i, l_i = _step(
+                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+                seq_k, n + 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
+                OVERLAP_QK, FOLD, False, SUM_MMA,
+            )  # fmt: skip
+        if odd == 1:
+            acc, p, alpha, m_i, l_i = _step(
+                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+                seq_k, n_tiles - 2, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES,
+                PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
+            )  # fmt: skip
     if n_tiles > 1:  # the last tile, masked, peeled out of the loop
         acc, p, alpha, m_i, l_i = _step(
             q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
@@ -444,13 +484,8 @@ def _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, 
 
     mbarrier.wait(q_bar, 0)
     q_view = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
-    scale, offset = _key_scale(ks_base, 0)
-    mbarrier.wait(k_full.index(0), 0)
-    _take_turn(turn, WG, 0, PINGPONG)
-    s_tok = _scores(q_view, k_smem, 0, s_zero)
-    _give_turn(turn, WG, PINGPONG)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(k_empty.index(0))
+    s, scale, offset = _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_base, s_zero, WG,
+                                     PINGPONG)  # fmt: skip
     p8, alpha, beta, m_i, l_i = _softmax8(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True)
     p = gl.convert_layout(p8, p_layout)
     for n in range(1, n_tiles - 1):
@@ -520,7 +555,7 @@ def wgmma_attention_kernel(
     seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
-    SUM_MMA: gl.constexpr,
+    SUM_MMA: gl.constexpr, UNROLL: gl.constexpr,
 ):  # fmt: skip
     """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
     bh = gl.program_id(1)
@@ -627,6 +662,7 @@ def wgmma_attention_kernel(
                     FOLD,
                     PV8,
                     SUM_MMA,
+                    UNROLL,
                 ),
             ),  # fmt: skip
             (
@@ -669,6 +705,7 @@ def wgmma_attention_kernel(
                     FOLD,
                     PV8,
                     SUM_MMA,
+                    UNROLL,
                 ),
             ),  # fmt: skip
         ],
@@ -713,11 +750,16 @@ def run_wgmma_attention(
     fold: bool = True,
     pv8: bool = False,
     sum_mma: bool = False,
+    unroll: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``."""
     _check_inputs(q, k, v)
     if stages < 2:
         raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
+    if unroll not in (1, 2) or (pv8 and unroll != 1):
+        raise ValueError(
+            f"sd-int8-wgmma: unroll={unroll} must be 1 or 2 (2 with BF16 PV only; pv8={pv8})"
+        )
     if pv8 and not fold:
         raise ValueError("sd-int8-wgmma: pv8=True needs fold=True (INT8 PV is folded only)")
     q, k, v = channels_last(q), channels_last(k), channels_last(v)
@@ -759,6 +801,7 @@ def run_wgmma_attention(
         FOLD=fold,
         PV8=pv8,
         SUM_MMA=sum_mma and not pv8,
+        UNROLL=unroll,
         num_warps=4,
         maxnreg=LAUNCH_REGISTERS,
     )
