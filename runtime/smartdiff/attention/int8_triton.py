@@ -70,7 +70,7 @@ Q_ROWS: Final = SPARSE_Q_BLOCK  # query rows per quantization program (and poole
 K_ROWS: Final = SPARSE_K_BLOCK  # key rows per quantization program (and pooled block)
 V_ROWS: Final = 64
 V8_TILE: Final = 128  # INT8 V: tokens per column sum (one key tile of sd-int8-wgmma)
-FP8_PAD: Final = 16  # quantized V rows are padded to a multiple of this (16-byte aligned strides)
+FP8_PAD: Final = 16  # FP8 V rows are padded to a multiple of this (16-byte aligned strides)
 PREPROCESS_WARPS: Final = 8  # a 128 x 128 fp32 tile per quantization program
 OP_NAME: Final = "smartdiff::int8_attention"
 
@@ -145,8 +145,9 @@ def quantize_v(
     spread = torch.maximum(v.amax(dim=2).float() - mean, mean - v.amin(dim=2).float())
     top = INT8_MAX if int8 else FP8_MAX
     scale = (spread.clamp_min(SCALE_FLOOR) / top).contiguous()
-    rows = V8_TILE if int8 else V_ROWS
-    padded = triton.cdiv(tokens, rows if int8 else FP8_PAD) * (rows if int8 else FP8_PAD)
+    rows = V8_TILE if int8 else V_ROWS  # per program; INT8 sums over each program's tokens
+    pad = V8_TILE if int8 else FP8_PAD
+    padded = triton.cdiv(tokens, pad) * pad
     out = torch.empty(
         (batch, heads, dim, padded),
         dtype=torch.int8 if int8 else torch.float8_e4m3fn,
