@@ -296,14 +296,16 @@ def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, 
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn,
-              qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
-              seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
-              WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
               FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr,
               UNROLL: gl.constexpr):  # fmt: skip
-    """One consumer warpgroup: 64 query rows against every key tile, then the output."""
+    """One consumer warpgroup: 64 query rows against every key tile, then the output; ``args``
+    is the kernel's tuple of the (non-constexpr) values both consumers take
+    (:func:`wgmma_attention_kernel`; a constexpr inside a tuple stops being one)."""
+    (q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr, ks_ptr,
+     shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh, off_m,
+     stride_ob, stride_oh, stride_os) = args  # fmt: skip
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                    qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
@@ -595,8 +597,12 @@ def wgmma_attention_kernel(
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
-    # the consumers' argument lists differ in WG0 / WG1 only; spelled out twice because Gluon
-    # (3.6) cannot concatenate a tuple of its values with one holding a constexpr
+    # what both consumers take: one tuple of values, then the constexprs (with the warpgroup)
+    consumer_args = (
+        q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr,
+        ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
+        h, bh, off_m, stride_ob, stride_oh, stride_os,
+    )  # fmt: skip
     gl.warp_specialize(
         [
             (
@@ -625,34 +631,7 @@ def wgmma_attention_kernel(
             (
                 _consumer,
                 (
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    ones,
-                    q_bar,
-                    k_full,
-                    k_empty,
-                    v_full,
-                    v_empty,
-                    turn,
-                    qs_ptr,
-                    ks_ptr,
-                    shift_ptr,
-                    vs_ptr,
-                    vm_ptr,
-                    sums_ptr,
-                    out_ptr,
-                    lse_ptr,
-                    seq_q,
-                    seq_k,
-                    n_tiles,
-                    b,
-                    h,
-                    bh,
-                    off_m,
-                    stride_ob,
-                    stride_oh,
-                    stride_os,
+                    consumer_args,
                     WG0,
                     BLOCK_N,
                     HEAD_DIM,
@@ -664,38 +643,11 @@ def wgmma_attention_kernel(
                     SUM_MMA,
                     UNROLL,
                 ),
-            ),  # fmt: skip
+            ),
             (
                 _consumer,
                 (
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    ones,
-                    q_bar,
-                    k_full,
-                    k_empty,
-                    v_full,
-                    v_empty,
-                    turn,
-                    qs_ptr,
-                    ks_ptr,
-                    shift_ptr,
-                    vs_ptr,
-                    vm_ptr,
-                    sums_ptr,
-                    out_ptr,
-                    lse_ptr,
-                    seq_q,
-                    seq_k,
-                    n_tiles,
-                    b,
-                    h,
-                    bh,
-                    off_m,
-                    stride_ob,
-                    stride_oh,
-                    stride_os,
+                    consumer_args,
                     WG1,
                     BLOCK_N,
                     HEAD_DIM,
@@ -707,7 +659,7 @@ def wgmma_attention_kernel(
                     SUM_MMA,
                     UNROLL,
                 ),
-            ),  # fmt: skip
+            ),
         ],
         [4, 4],
         [CONSUMER_REGISTERS, CONSUMER_REGISTERS],
