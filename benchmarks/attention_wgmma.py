@@ -1,15 +1,15 @@
 """The ``sd-int8-wgmma`` kernel's schedule switches, measured side by side at the Wan shapes.
 
-:mod:`smartdiff.attention.int8_wgmma` (read its docstring) has four shipped compile-time
+:mod:`smartdiff.attention.int8_wgmma` (read its docstring) has five shipped compile-time
 switches: the shared-memory ring depth ``stages``, ``pingpong`` (the two consumer warpgroups
 take turns issuing their matrix products), ``overlap_qk`` (PV of the previous tile is issued
-before waiting for this tile's scores) and ``fold`` (the softmax's scales and row maximum in one
-multiply-add per score), and three experimental ones: ``sum_mma``, ``unroll`` and ``pv8`` (INT8
-PV). This script times a set of combinations next to cuDNN SDPA and the plain-Triton
-``sd-int8`` on the same inputs, checks each against an fp32 reference on a sample of query
-rows, and checks that the schedule switches change nothing in the output (``fold``,
-``sum_mma`` and ``pv8`` change the arithmetic). The backend ships ``stages=2`` with
-``pingpong``, ``overlap_qk`` and ``fold`` on, the experimental three off.
+before waiting for this tile's scores), ``unroll`` (key tiles per loop iteration) and ``fold``
+(the softmax's scales and row maximum in one multiply-add per score), and two experimental
+ones: ``sum_mma`` and ``pv8`` (INT8 PV). This script times a set of combinations next to cuDNN
+SDPA and the plain-Triton ``sd-int8`` on the same inputs, checks each against an fp32 reference
+on a sample of query rows, and checks that the schedule switches change nothing in the output
+(``fold``, ``sum_mma`` and ``pv8`` change the arithmetic). The backend ships ``stages=3``,
+``unroll=2``, ``overlap_qk`` and ``fold`` on, ``pingpong`` and the experimental two off.
 
 History: the first Gluon prototype (one consumer warpgroup of 64 rows, 64-key tiles, per-key
 scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
@@ -18,6 +18,7 @@ scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
     python benchmarks/attention_wgmma.py                     # 1.3B and 14B shapes, random
     python benchmarks/attention_wgmma.py --shapes 14b --inputs smooth
     python benchmarks/attention_wgmma.py --pv8-only      # the INT8-PV variants only
+    python benchmarks/attention_wgmma.py --schedules-only  # the shipped arithmetic only
 
 Needs an sm_90 GPU, torch and Triton >= 3.6 (Gluon). Writes JSON to ``--out`` (default
 ``benchmarks/results/attention_wgmma_<gpu>.json``), rewritten after every shape.
@@ -54,15 +55,14 @@ SWITCHES = [
         "unroll": unroll,
     }
     for fold, sum_mma, pv8, stages, pingpong, overlap, unroll in (
+        (True, False, False, 3, False, True, 2),  # the default
+        (True, False, False, 4, False, True, 2),
+        (True, False, False, 3, True, True, 2),
+        (True, False, False, 2, True, True, 1),  # the default until 2026-11-28
+        (True, False, False, 2, False, True, 1),
         (False, False, False, 2, True, True, 1),
         (False, False, False, 3, True, False, 1),
-        (True, False, False, 2, True, True, 1),
-        (True, False, False, 3, True, True, 1),
-        (True, False, False, 2, True, True, 2),
-        (True, False, False, 3, True, True, 2),
-        (True, False, False, 2, False, True, 2),
-        (True, True, False, 2, True, True, 1),
-        (True, True, False, 2, False, True, 1),
+        (True, True, False, 3, False, True, 2),
         (True, False, True, 2, True, True, 1),
         (True, False, True, 2, False, True, 1),
     )
@@ -109,6 +109,8 @@ def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     for switches in SWITCHES:
         if args.pv8_only and not switches["pv8"]:
             continue
+        if args.schedules_only and (switches["pv8"] or switches["sum_mma"] or not switches["fold"]):
+            continue
         out, lse = run_wgmma_attention(q, k, v, **switches)
         arithmetic = (bool(switches["fold"]), bool(switches["sum_mma"]), bool(switches["pv8"]))
         first, first_lse = firsts.setdefault(arithmetic, (out, lse))
@@ -137,6 +139,9 @@ def main() -> None:
     parser.add_argument("--ref-rows", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pv8-only", action="store_true", help="only the INT8-PV variants")
+    parser.add_argument(
+        "--schedules-only", action="store_true", help="only the shipped arithmetic's schedules"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(0) != (9, 0):

@@ -549,20 +549,20 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
     assert float((lse - ref_lse).abs().max()) < 4e-3
     assert float((lse - exact_lse).abs().max()) < 5e-2
     assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
-    # the default folds and sums P's rows on the tensor cores; all four arithmetics stay close
+    # the four arithmetics (fold, sum_mma; the default folds) stay close to the emulation
     for fold, sum_mma in itertools.product((True, False), (True, False)):
         base, base_lse = run_wgmma_attention(q, k, v, fold=fold, sum_mma=sum_mma)
         assert float((base_lse - ref_lse).abs().max()) < 4e-3
         assert relative_error(base, ref) < 5e-3
-        # the schedule switches change the order of issue, not the arithmetic
-        for stages, pingpong, overlap_qk, unroll in (
-            (3, True, True, 1), (2, False, False, 1), (4, True, False, 1), (2, True, True, 2),
-        ):  # fmt: skip
-            other, other_lse = run_wgmma_attention(
-                q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, fold=fold,
-                sum_mma=sum_mma, unroll=unroll,
-            )  # fmt: skip
-            assert torch.equal(other, base) and torch.equal(other_lse, base_lse)
+    # the schedule switches change the order of issue, not the arithmetic: bit for bit
+    for stages, pingpong, overlap_qk, unroll in (
+        (2, True, True, 1), (2, False, False, 1), (4, True, False, 1), (2, True, True, 2),
+        (4, False, True, 2),
+    ):  # fmt: skip
+        other, other_lse = run_wgmma_attention(
+            q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, unroll=unroll
+        )
+        assert torch.equal(other, out) and torch.equal(other_lse, lse)
     assert torch.equal(run_wgmma_attention(q, k, v)[0], out)
 
 

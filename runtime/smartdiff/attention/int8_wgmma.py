@@ -9,48 +9,53 @@ Gluon the way FlashAttention-3 lays it out:
 
 - one CTA per 128 query rows of one (batch, head), one per SM (``maxnreg`` 168 at launch);
 - a producer warpgroup (the default partition, 24 registers after ``setmaxnreg``) brings Q
-  once and then K and V tiles of 128 keys in by TMA, into ``STAGES``-deep (2) shared-memory rings
-  with a "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
+  once and then K and V tiles of 128 keys in by TMA, into ``STAGES``-deep (3) shared-memory
+  rings with a "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
 - two consumer warpgroups (240 registers each), 64 query rows apiece: for tile n each issues
   QK^T of tile n and PV of tile n - 1 back to back (P from registers), waits for the scores,
-  runs the softmax, then waits for PV; the two take turns issuing (``PINGPONG``: a pair of
-  mbarriers), so one's softmax runs on the CUDA cores while the other's matrix products run on
-  the tensor cores. (ptxas turns the wait for the scores -- ``wgmma.wait_group 1`` -- into a
-  wait for both, as the SASS shows: a warpgroup's softmax does not overlap its own PV; the
-  other warpgroup's products are what fill the tensor cores meanwhile.)
+  runs the softmax, then waits for PV. The loop takes two key tiles per iteration
+  (``UNROLL``, 2), and the two warpgroups run free of each other (``PINGPONG`` off: a pair of
+  mbarriers that makes them take turns issuing, FlashAttention-3's ping-pong, measured slower
+  once the loop is unrolled).
 
 The softmax takes each tile's row maximum on the int32 scores (exact; the key scale is one
 per tile) and meets key scale, query scale and maximum in one multiply-add per score
 (``FOLD``, the default): one fused multiply-add and one float max fewer per score than scaling
-by the key and then by the query scale, worth 10-15% of the kernel's speed.
+by the key and then by the query scale, worth 10-15% of the kernel's speed. Each tile's key
+scale is loaded a step ahead of its use: loaded in the step that uses it, Nsight Compute put
+32% of the warps' stall cycles on that one global load (``attention_wgmma_ncu_h200.txt``;
+prefetched, the kernel took 8.07 instead of 8.55 ms).
 
-Measured alternatives (``benchmarks/attention_wgmma.py`` sweeps the switches; H200,
-``benchmarks/results/attention_wgmma_h200.json``, cuDNN SDPA in the same run): the default
-(``FOLD``, 2 stages, ping-pong, ``OVERLAP_QK``) 1.27x / 1.24x cuDNN at the 1.3B / 14B shapes;
-unfolded 1.10x / 1.12x; unfolded and waiting for QK^T before issuing PV
-(``OVERLAP_QK=False``) 1.05x / 1.06x. The schedule switches reorder issue only (every
-combination of one arithmetic gives the same output bit for bit). Folded, ping-pong changes
-little (707 / 708 TFLOP/s at 1.3B, 2 stages); 2 stages beat 3 by 5-10% at the 1.3B shape and
-3 beat 2 by 0-2% at the 14B. A schedule that keeps the next
-tile's QK^T in flight during the softmax spills at 128-key tiles and is slower at 64 (64-key
-int8 tiles read shared memory at its bandwidth); per-key scales need two 32-register
-column vectors per thread, which pushed ptxas to spill and to move the softmax after the PV
-wait. The last key tile is peeled out of the loop and masked by a compile-time switch: a
-runtime branch inside the loop made ptxas wait for every wgmma before the softmax.
+Measured (``benchmarks/attention_wgmma.py`` sweeps the switches; H200, cuDNN SDPA in the same
+run, ``benchmarks/results/attention_wgmma_schedules_h200.json``): the default (3 stages, two
+tiles per iteration, no ping-pong, prefetched key scales) 742 / 744 TFLOP/s = 1.32x / 1.33x
+cuDNN at the 1.3B / 14B shapes; the previous default (2 stages, one tile per iteration,
+ping-pong, scales loaded in place) 706 / 719 = 1.26x / 1.29x; the other combinations in between
+(715-752). Earlier sweeps (``attention_wgmma_h200.json``): unfolded 1.10x / 1.12x; unfolded and
+waiting for QK^T before issuing PV (``OVERLAP_QK=False``) 1.05x / 1.06x. The schedule switches
+reorder issue only (every combination of one arithmetic gives the same output bit for bit).
+
+Why unrolling helps: in one tile per iteration ptxas reuses the registers that the in-flight PV
+reads its P from (Triton packs P's bf16 pairs into fresh 32-bit registers for the wgmma, and
+only the unpacked values are tied to the wait) so it waits for that PV before the first
+exponential (``wgmma.wait_group 1`` followed at once by ``0`` in the SASS): a warpgroup's
+softmax does not overlap its own PV; the other warpgroup's products are what fill the tensor
+cores meanwhile. Two tiles per iteration give the two P's their own registers in some steps
+(at 2 stages one of the two in the loop; at the shipped 3, only the peeled ones, partly), at
+the price of 80-420 bytes of spills (Triton 3.6; outside the loop body at 3 stages). At 3
+stages the loop body still waits, so the gain there (3-5%) is measured, not explained.
+
+A schedule that keeps the next tile's QK^T in flight during the softmax spills at 128-key
+tiles and is slower at 64 (64-key int8 tiles read shared memory at its bandwidth); per-key
+scales need two 32-register column vectors per thread, which pushed ptxas to spill and to move
+the softmax after the PV wait. The last key tile is peeled out of the loop and masked by a
+compile-time switch: a runtime branch inside the loop made ptxas wait for every wgmma before
+the softmax.
 
 ``SUM_MMA`` (``sum_mma=True``, off by default) takes P's row sums on the tensor cores (a
 64x8 product of P with a tile of ones per PV) instead of one float add per probability: 25%
 fewer instructions in the softmax, but 2-7% slower on the H200
 (``benchmarks/results/attention_wgmma_sum_mma_h200.json``): the kernel is not issue-bound.
-
-``UNROLL`` (``unroll=2``, off by default; compiled and inspected, not yet measured) runs two
-key tiles per loop iteration. With one, ptxas keeps the new P in the registers the in-flight PV
-reads, so it waits for that PV before the first exponential (Nsight Compute puts the kernel at
-61% tensor-pipe use, latency-bound: ``benchmarks/results/attention_wgmma_ncu_h200.txt``). Two
-tiles per iteration give the two P's their own registers in one of the two (and in the peeled
-tiles): the SASS shows all 64 exponentials of those steps between ``wgmma.wait_group 1`` and
-``0``, the softmax overlapping its own PV as in FlashAttention-3, at the price of 416 bytes of
-spills (Triton 3.6).
 
 ``PV8`` (``run_wgmma_attention(..., pv8=True)``, experiments only: over the 2e-2 bound and
 slower than BF16 PV as built; docs/performance.md has the figures) swaps BF16 PV for INT8 PV:
@@ -95,7 +100,8 @@ HEAD_DIM: Final = 128
 BLOCK_N: Final = 128  # keys per tile (and per K scale)
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
 CTA_ROWS: Final = 2 * WG_ROWS.value
-STAGES: Final = 2  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
+STAGES: Final = 3  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
+UNROLL: Final = 2  # key tiles per loop iteration (BF16 PV)
 LAUNCH_REGISTERS: Final = 168  # 12 warps x 32 x 168 <= 64 Ki: one CTA per SM
 CONSUMER_REGISTERS = gl.constexpr(240)  # 24 (producer) + 2 x 240 = 3 x 168
 WG0 = gl.constexpr(0)
@@ -256,16 +262,21 @@ def _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_ptr, s_zero, WG: gl.
 
 @gluon.jit
 def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_ptr,
-          seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero,
+          seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset,
           WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
           OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr,
           SUM_MMA: gl.constexpr):  # fmt: skip
-    """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring)."""
+    """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring). The tile's
+    key scale (``scale``, ``offset``) came with the previous step; the next tile's is loaded
+    here and returned for the next step."""
     block_n: gl.constexpr = s_zero.shape[1]
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     ks = n % STAGES
     vs = (n - 1) % STAGES
-    scale, offset = _key_scale(ks_ptr, n * block_n)
+    if MASK:  # the last tile: nothing after it
+        next_scale, next_offset = scale, offset
+    else:  # a step ahead of its use: a load right before the softmax stalled it (see above)
+        next_scale, next_offset = _key_scale(ks_ptr, (n + 1) * block_n)
     mbarrier.wait(k_full.index(ks), (n // STAGES) & 1)
     _take_turn(turn, WG, n, PINGPONG)
     s_tok = _scores(q_view, k_smem, ks, s_zero)
@@ -292,7 +303,7 @@ def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, 
     # P is rounded only after the PV that reads the previous one is done: converting earlier
     # needs fresh registers while that PV is in flight
     p = gl.convert_layout(_to_bf16(p_f32), p.type.layout)
-    return acc, p, alpha, m_i, l_i
+    return acc, p, alpha, m_i, l_i, next_scale, next_offset
 
 
 @gluon.jit
@@ -358,42 +369,43 @@ def _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_
     mbarrier.wait(q_bar, 0)
     q_view = q_smem.index(WG).reshape([BLOCK_M, HEAD_DIM])
     # tile 0: scores and softmax (masked: it may be the last tile too)
-    s, scale, offset = _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_base, s_zero, WG,
-                                     PINGPONG)  # fmt: skip
-    p, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True, FOLD,
+    s, scale0, offset0 = _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_base, s_zero,
+                                       WG, PINGPONG)  # fmt: skip
+    scale, offset = _key_scale(ks_base, gl.minimum(n_tiles - 1, 1) * BLOCK_N)  # tile 1's
+    p, alpha, m_i, l_i = _softmax(s, scale0, offset0, q_scale, m_i, l_i, 0, seq_k, True, FOLD,
                                   SUM_MMA)  # fmt: skip
     p = gl.convert_layout(_to_bf16(p), p_layout)
     if UNROLL == 1:
         for n in range(1, n_tiles - 1):
-            acc, p, alpha, m_i, l_i = _step(
+            acc, p, alpha, m_i, l_i, scale, offset = _step(
                 q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-                OVERLAP_QK, FOLD, False, SUM_MMA,
+                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG, STAGES,
+                PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
             )  # fmt: skip
     else:  # two tiles per iteration (module docstring), the odd one after the loop
         odd = (n_tiles - 2) % 2
         for n in range(1, n_tiles - 1 - odd, 2):
-            acc, p, alpha, m_i, l_i = _step(
+            acc, p, alpha, m_i, l_i, scale, offset = _step(
                 q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-                OVERLAP_QK, FOLD, False, SUM_MMA,
-            )  # fmt: skip
-            acc, p, alpha, m_i, l_i = _step(
-                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n + 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-                OVERLAP_QK, FOLD, False, SUM_MMA,
-            )  # fmt: skip
-        if odd == 1:
-            acc, p, alpha, m_i, l_i = _step(
-                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n_tiles - 2, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES,
+                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG, STAGES,
                 PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
             )  # fmt: skip
+            acc, p, alpha, m_i, l_i, scale, offset = _step(
+                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+                seq_k, n + 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG,
+                STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
+            )  # fmt: skip
+        if odd == 1:
+            acc, p, alpha, m_i, l_i, scale, offset = _step(
+                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
+                seq_k, n_tiles - 2, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset,
+                WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
+            )  # fmt: skip
     if n_tiles > 1:  # the last tile, masked, peeled out of the loop
-        acc, p, alpha, m_i, l_i = _step(
+        acc, p, alpha, m_i, l_i, scale, offset = _step(
             q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-            seq_k, n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, WG, STAGES,
-            PINGPONG, OVERLAP_QK, FOLD, True, SUM_MMA,
+            seq_k, n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG,
+            STAGES, PINGPONG, OVERLAP_QK, FOLD, True, SUM_MMA,
         )  # fmt: skip
     last = n_tiles - 1
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -697,17 +709,20 @@ def run_wgmma_attention(
     v: torch.Tensor,
     *,
     stages: int = STAGES,
-    pingpong: bool = True,
+    pingpong: bool = False,
     overlap_qk: bool = True,
     fold: bool = True,
     pv8: bool = False,
     sum_mma: bool = False,
-    unroll: int = 1,
+    unroll: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel with its schedule switches (module docstring): ``(out, lse)``."""
+    """The kernel with its schedule switches (module docstring): ``(out, lse)``; ``unroll``
+    defaults to 2 (1 with ``pv8``, which has no unrolled loop)."""
     _check_inputs(q, k, v)
     if stages < 2:
         raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
+    if unroll is None:
+        unroll = 1 if pv8 else UNROLL
     if unroll not in (1, 2) or (pv8 and unroll != 1):
         raise ValueError(
             f"sd-int8-wgmma: unroll={unroll} must be 1 or 2 (2 with BF16 PV only; pv8={pv8})"
