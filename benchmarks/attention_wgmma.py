@@ -53,18 +53,24 @@ SWITCHES = [
         "sum_mma": sum_mma,
         "pv8": pv8,
         "unroll": unroll,
+        "p_smem": p_smem,
     }
-    for fold, sum_mma, pv8, stages, pingpong, overlap, unroll in (
-        (True, False, False, 3, False, True, 2),  # the default
-        (True, False, False, 4, False, True, 2),
-        (True, False, False, 3, True, True, 2),
-        (True, False, False, 2, True, True, 1),  # the default until 2026-11-28
-        (True, False, False, 2, False, True, 1),
-        (False, False, False, 2, True, True, 1),
-        (False, False, False, 3, True, False, 1),
-        (True, True, False, 3, False, True, 2),
-        (True, False, True, 2, True, True, 1),
-        (True, False, True, 2, False, True, 1),
+    for fold, sum_mma, pv8, stages, pingpong, overlap, unroll, p_smem in (
+        (True, False, False, 3, False, True, 2, False),  # the default
+        (True, False, False, 2, True, True, 1, True),
+        (True, False, False, 2, False, True, 1, True),
+        (True, False, False, 3, False, True, 1, True),
+        (True, False, False, 3, True, True, 1, True),
+        (True, False, False, 3, False, True, 2, True),
+        (True, False, False, 2, False, True, 2, True),
+        (True, False, False, 4, False, True, 2, False),
+        (True, False, False, 3, True, True, 2, False),
+        (True, False, False, 2, True, True, 1, False),  # the default until 2026-11-28
+        (False, False, False, 2, True, True, 1, False),
+        (False, False, False, 3, True, False, 1, False),
+        (True, True, False, 3, False, True, 2, False),
+        (True, False, True, 2, True, True, 1, False),
+        (True, False, True, 2, False, True, 1, False),
     )
 ]
 

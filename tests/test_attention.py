@@ -184,6 +184,8 @@ def test_the_wgmma_kernel_rejects_what_it_cannot_take() -> None:
         run_wgmma_attention(q, k, v, unroll=3)
     with pytest.raises(ValueError, match="2 with BF16 PV only"):
         run_wgmma_attention(q, k, v, unroll=2, pv8=True)
+    with pytest.raises(ValueError, match="p_smem=True takes BF16 PV and stages <= 3"):
+        run_wgmma_attention(q, k, v, p_smem=True, stages=4)
     with pytest.raises(ValueError, match="pv8=True needs fold=True"):
         run_wgmma_attention(q, k, v, pv8=True, fold=False)
 
@@ -555,13 +557,15 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
         assert float((base_lse - ref_lse).abs().max()) < 4e-3
         assert relative_error(base, ref) < 5e-3
     # the schedule switches change the order of issue, not the arithmetic: bit for bit
-    for stages, pingpong, overlap_qk, unroll in (
-        (2, True, True, 1), (2, False, False, 1), (4, True, False, 1), (2, True, True, 2),
-        (4, False, True, 2),
+    for stages, pingpong, overlap_qk, unroll, p_smem in (
+        (2, True, True, 1, False), (2, False, False, 1, False), (4, True, False, 1, False),
+        (2, True, True, 2, False), (4, False, True, 2, False), (2, True, True, 1, True),
+        (3, False, True, 2, True),
     ):  # fmt: skip
         other, other_lse = run_wgmma_attention(
-            q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, unroll=unroll
-        )
+            q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, unroll=unroll,
+            p_smem=p_smem,
+        )  # fmt: skip
         assert torch.equal(other, out) and torch.equal(other_lse, lse)
     assert torch.equal(run_wgmma_attention(q, k, v)[0], out)
 

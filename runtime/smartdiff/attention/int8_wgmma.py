@@ -35,22 +35,31 @@ ping-pong, scales loaded in place) 706 / 719 = 1.26x / 1.29x; the other combinat
 waiting for QK^T before issuing PV (``OVERLAP_QK=False``) 1.05x / 1.06x. The schedule switches
 reorder issue only (every combination of one arithmetic gives the same output bit for bit).
 
-Why unrolling helps: in one tile per iteration ptxas reuses the registers that the in-flight PV
-reads its P from (Triton packs P's bf16 pairs into fresh 32-bit registers for the wgmma, and
-only the unpacked values are tied to the wait) so it waits for that PV before the first
-exponential (``wgmma.wait_group 1`` followed at once by ``0`` in the SASS): a warpgroup's
-softmax does not overlap its own PV; the other warpgroup's products are what fill the tensor
-cores meanwhile. Two tiles per iteration give the two P's their own registers in some steps
-(at 2 stages one of the two in the loop; at the shipped 3, only the peeled ones, partly), at
-the price of 80-420 bytes of spills (Triton 3.6; outside the loop body at 3 stages). At 3
-stages the loop body still waits, so the gain there (3-5%) is measured, not explained.
-
 A schedule that keeps the next tile's QK^T in flight during the softmax spills at 128-key
 tiles and is slower at 64 (64-key int8 tiles read shared memory at its bandwidth); per-key
 scales need two 32-register column vectors per thread, which pushed ptxas to spill and to move
 the softmax after the PV wait. The last key tile is peeled out of the loop and masked by a
 compile-time switch: a runtime branch inside the loop made ptxas wait for every wgmma before
 the softmax.
+
+What the unrolled loop changes: with one tile per iteration a warpgroup waits for its own PV
+before its softmax (``wgmma.wait_group 1`` followed at once by ``0`` in the SASS), because the
+register allocator treats the 32 registers PV reads P from as free once the wgmma is issued
+(Triton copies P's pairs into them for the instruction; the wait is tied to the unpacked values
+only) and puts new values there (the row maximum, then the new P), so ptxas must wait first.
+Two tiles per iteration give the two P's their own registers in some steps (at 2 stages one of
+the two in the loop; at the shipped 3 only the peeled ones, partly), at the price of 80-420
+bytes of spills (Triton 3.6; outside the loop body at 3 stages); at 3 stages the loop body
+still waits, so the gain there (3-5%) is measured, not explained by overlap.
+
+``P_SMEM`` (``p_smem=True``, off) takes that wait away and prices it: P goes through two
+shared-memory buffers per warpgroup (PV's A operand from shared memory); every step's 64
+exponentials then run while the warpgroup's own PV is in flight (SASS), with no spills and the
+same output bit for bit, but the best such schedule is 4-5% slower than the default in the
+same run (701 / 716 against 734 / 750 TFLOP/s,
+``benchmarks/results/attention_wgmma_p_smem_h200.json``): the stores, the fence and the
+warpgroup barrier per tile cost more than the overlap brings. Overlapping a warpgroup's
+softmax with its own PV is not what this kernel is short of.
 
 ``SUM_MMA`` (``sum_mma=True``, off by default) takes P's row sums on the tensor cores (a
 64x8 product of P with a tile of ones per PV) instead of one float add per probability: 25%
@@ -216,6 +225,15 @@ def _to_bf16(x):
 
 
 @gluon.jit
+def _store_p(p_smem, index, p_f32):
+    """P in bf16 into ``p_smem[index]``, made visible to the tensor cores (async proxy) and
+    complete for the whole warpgroup before its next wgmma reads it."""
+    p_smem.index(index).store(_to_bf16(p_f32))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _row_sums(p, ones, l_i, alpha):
     """Issue ``l_i * alpha + P @ ones`` (async): the row sums of the BF16 P that PV uses, on
     the tensor cores (one m64n8 product per 16 keys, 1/16 of PV's work) instead of one float
@@ -261,14 +279,15 @@ def _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_ptr, s_zero, WG: gl.
 
 
 @gluon.jit
-def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_ptr,
-          seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset,
-          WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
           OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr,
-          SUM_MMA: gl.constexpr):  # fmt: skip
-    """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring). The tile's
-    key scale (``scale``, ``offset``) came with the previous step; the next tile's is loaded
-    here and returned for the next step."""
+          SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr):  # fmt: skip
+    """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring); ``state``
+    in, the next ``state`` out. The tile's key scale (``scale``, ``offset``) came with the
+    previous step; the next tile's is loaded here and returned for the next step."""
+    (q_view, k_smem, v_smem, ones, p_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, seq_k,
+     q_scale, s_zero) = ctx  # fmt: skip
+    acc, p, alpha, m_i, l_i, scale, offset = state
     block_n: gl.constexpr = s_zero.shape[1]
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     ks = n % STAGES
@@ -286,7 +305,10 @@ def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, 
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     mbarrier.wait(v_full.index(vs), ((n - 1) // STAGES) & 1)
     v_tile = v_smem.index(vs).reshape([block_n, acc.shape[1]])
-    acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
+    if P_SMEM:
+        acc_tok = warpgroup_mma(p_smem.index(WG * 2 + (n - 1) % 2), v_tile, acc, is_async=True)
+    else:
+        acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
     if SUM_MMA:
         l_tok = _row_sums(p, ones, l_i, alpha)
     _give_turn(turn, WG, PINGPONG)
@@ -295,49 +317,53 @@ def _step(q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, 
         mbarrier.arrive(k_empty.index(ks))
     p_f32, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, n * block_n, seq_k,
                                       MASK, FOLD, SUM_MMA)  # fmt: skip
-    if SUM_MMA:
+    if P_SMEM:  # this tile's P into the buffer PV of tile n - 2 read (waited for last step)
+        _store_p(p_smem, WG * 2 + n % 2, p_f32)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+    elif SUM_MMA:
         acc, l_i, p = warpgroup_mma_wait(0, deps=(acc_tok, l_tok, p))
     else:
         acc, p = warpgroup_mma_wait(0, deps=(acc_tok, p))
     mbarrier.arrive(v_empty.index(vs))
-    # P is rounded only after the PV that reads the previous one is done: converting earlier
-    # needs fresh registers while that PV is in flight
-    p = gl.convert_layout(_to_bf16(p_f32), p.type.layout)
-    return acc, p, alpha, m_i, l_i, next_scale, next_offset
+    if not P_SMEM:
+        # P is rounded only after the PV that reads the previous one is done: converting
+        # earlier needs fresh registers while that PV is in flight
+        p = gl.convert_layout(_to_bf16(p_f32), p.type.layout)
+    return (acc, p, alpha, m_i, l_i, next_scale, next_offset)
 
 
 @gluon.jit
 def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
               FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr,
-              UNROLL: gl.constexpr):  # fmt: skip
+              UNROLL: gl.constexpr, P_SMEM: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output; ``args``
     is the kernel's tuple of the (non-constexpr) values both consumers take
     (:func:`wgmma_attention_kernel`; a constexpr inside a tuple stops being one)."""
-    (q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr, ks_ptr,
-     shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh, off_m,
-     stride_ob, stride_oh, stride_os) = args  # fmt: skip
+    (q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr,
+     ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h,
+     bh, off_m, stride_ob, stride_oh, stride_os) = args  # fmt: skip
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                    qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
                    seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
                    WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG)  # fmt: skip
     else:
-        _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty,
+        _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
                     turn, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
                     h, bh, off_m, stride_ob, stride_oh, stride_os,
                     WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
-                    SUM_MMA, UNROLL)  # fmt: skip
+                    SUM_MMA, UNROLL, P_SMEM)  # fmt: skip
 
 
 @gluon.jit
-def _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn,
+def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                 qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
                 off_m, stride_ob, stride_oh, stride_os,
                 WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
                 FOLD: gl.constexpr, SUM_MMA: gl.constexpr,
-                UNROLL: gl.constexpr):  # fmt: skip
+                UNROLL: gl.constexpr, P_SMEM: gl.constexpr):  # fmt: skip
     """BF16 PV: 64 query rows against every key tile, then the output."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -374,44 +400,39 @@ def _consumer16(q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_
     scale, offset = _key_scale(ks_base, gl.minimum(n_tiles - 1, 1) * BLOCK_N)  # tile 1's
     p, alpha, m_i, l_i = _softmax(s, scale0, offset0, q_scale, m_i, l_i, 0, seq_k, True, FOLD,
                                   SUM_MMA)  # fmt: skip
+    if P_SMEM:
+        _store_p(p_smem, WG * 2, p)
     p = gl.convert_layout(_to_bf16(p), p_layout)
+    # what every step takes besides the running state (a constexpr cannot ride in the tuple)
+    ctx = (q_view, k_smem, v_smem, ones, p_smem, k_full, k_empty, v_full, v_empty, turn, ks_base,
+           seq_k, q_scale, s_zero)  # fmt: skip
+    state = (acc, p, alpha, m_i, l_i, scale, offset)
     if UNROLL == 1:
         for n in range(1, n_tiles - 1):
-            acc, p, alpha, m_i, l_i, scale, offset = _step(
-                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG, STAGES,
-                PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
-            )  # fmt: skip
+            state = _step(ctx, n, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
+                          P_SMEM)  # fmt: skip
     else:  # two tiles per iteration (module docstring), the odd one after the loop
         odd = (n_tiles - 2) % 2
         for n in range(1, n_tiles - 1 - odd, 2):
-            acc, p, alpha, m_i, l_i, scale, offset = _step(
-                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG, STAGES,
-                PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
-            )  # fmt: skip
-            acc, p, alpha, m_i, l_i, scale, offset = _step(
-                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n + 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG,
-                STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
-            )  # fmt: skip
+            state = _step(ctx, n, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
+                          P_SMEM)  # fmt: skip
+            state = _step(ctx, n + 1, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False,
+                          SUM_MMA, P_SMEM)  # fmt: skip
         if odd == 1:
-            acc, p, alpha, m_i, l_i, scale, offset = _step(
-                q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-                seq_k, n_tiles - 2, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset,
-                WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
-            )  # fmt: skip
+            state = _step(ctx, n_tiles - 2, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False,
+                          SUM_MMA, P_SMEM)  # fmt: skip
     if n_tiles > 1:  # the last tile, masked, peeled out of the loop
-        acc, p, alpha, m_i, l_i, scale, offset = _step(
-            q_view, k_smem, v_smem, ones, k_full, k_empty, v_full, v_empty, turn, ks_base,
-            seq_k, n_tiles - 1, acc, p, alpha, m_i, l_i, q_scale, s_zero, scale, offset, WG,
-            STAGES, PINGPONG, OVERLAP_QK, FOLD, True, SUM_MMA,
-        )  # fmt: skip
+        state = _step(ctx, n_tiles - 1, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, True,
+                      SUM_MMA, P_SMEM)  # fmt: skip
+    acc, p, alpha, m_i, l_i, scale, offset = state
     last = n_tiles - 1
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
     v_tile = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
-    acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
+    if P_SMEM:
+        acc_tok = warpgroup_mma(p_smem.index(WG * 2 + last % 2), v_tile, acc, is_async=True)
+    else:
+        acc_tok = warpgroup_mma(p, v_tile, acc, is_async=True)
     if SUM_MMA:
         acc, l_i = warpgroup_mma_wait(0, deps=(acc_tok, _row_sums(p, ones, l_i, alpha)))
         l_i = gl.convert_layout(gl.max(l_i, axis=1), row_s)
@@ -569,7 +590,7 @@ def wgmma_attention_kernel(
     seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
-    SUM_MMA: gl.constexpr, UNROLL: gl.constexpr,
+    SUM_MMA: gl.constexpr, UNROLL: gl.constexpr, P_SMEM: gl.constexpr,
 ):  # fmt: skip
     """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
     bh = gl.program_id(1)
@@ -599,6 +620,13 @@ def wgmma_attention_kernel(
         gl.bfloat16, [8, BLOCK_N], ones_layout,
         gl.full([8, BLOCK_N], 1.0, gl.bfloat16, gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])),
     )  # fmt: skip
+    if P_SMEM:  # two P buffers per consumer warpgroup (the A operand of PV)
+        p_smem = gl.allocate_shared_memory(
+            gl.bfloat16, [4, WG_ROWS, BLOCK_N],
+            gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], gl.bfloat16),
+        )  # fmt: skip
+    else:
+        p_smem = ones  # unused
     fence_async_shared()
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
@@ -611,9 +639,9 @@ def wgmma_attention_kernel(
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
     # what both consumers take: one tuple of values, then the constexprs (with the warpgroup)
     consumer_args = (
-        q_smem, k_smem, v_smem, ones, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr,
-        ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
-        h, bh, off_m, stride_ob, stride_oh, stride_os,
+        q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
+        qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k,
+        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -654,6 +682,7 @@ def wgmma_attention_kernel(
                     PV8,
                     SUM_MMA,
                     UNROLL,
+                    P_SMEM,
                 ),
             ),
             (
@@ -670,6 +699,7 @@ def wgmma_attention_kernel(
                     PV8,
                     SUM_MMA,
                     UNROLL,
+                    P_SMEM,
                 ),
             ),
         ],
@@ -715,9 +745,11 @@ def run_wgmma_attention(
     pv8: bool = False,
     sum_mma: bool = False,
     unroll: int | None = None,
+    p_smem: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``; ``unroll``
-    defaults to 2 (1 with ``pv8``, which has no unrolled loop)."""
+    defaults to 2 (1 with ``pv8``, which has no unrolled loop); ``p_smem`` (BF16 PV only)
+    needs ``stages <= 3`` (shared memory)."""
     _check_inputs(q, k, v)
     if stages < 2:
         raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
@@ -726,6 +758,11 @@ def run_wgmma_attention(
     if unroll not in (1, 2) or (pv8 and unroll != 1):
         raise ValueError(
             f"sd-int8-wgmma: unroll={unroll} must be 1 or 2 (2 with BF16 PV only; pv8={pv8})"
+        )
+    if p_smem and (pv8 or stages > 3):
+        raise ValueError(
+            f"sd-int8-wgmma: p_smem=True takes BF16 PV and stages <= 3 (P's 64 KiB of shared "
+            f"memory), got pv8={pv8}, stages={stages}"
         )
     if pv8 and not fold:
         raise ValueError("sd-int8-wgmma: pv8=True needs fold=True (INT8 PV is folded only)")
@@ -769,6 +806,7 @@ def run_wgmma_attention(
         PV8=pv8,
         SUM_MMA=sum_mma and not pv8,
         UNROLL=unroll,
+        P_SMEM=p_smem,
         num_warps=4,
         maxnreg=LAUNCH_REGISTERS,
     )
