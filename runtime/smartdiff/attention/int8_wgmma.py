@@ -645,67 +645,16 @@ def wgmma_attention_kernel(
     )  # fmt: skip
     gl.warp_specialize(
         [
-            (
-                _producer,
-                (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    q_bar,
-                    k_full,
-                    k_empty,
-                    v_full,
-                    v_empty,
-                    b,
-                    h,
-                    off_m,
-                    n_tiles,
-                    BLOCK_N,
-                    STAGES,
-                    PV8,
-                ),
-            ),  # fmt: skip
-            (
-                _consumer,
-                (
-                    consumer_args,
-                    WG0,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                    PINGPONG,
-                    OVERLAP_QK,
-                    FOLD,
-                    PV8,
-                    SUM_MMA,
-                    UNROLL,
-                    P_SMEM,
-                ),
-            ),
-            (
-                _consumer,
-                (
-                    consumer_args,
-                    WG1,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                    PINGPONG,
-                    OVERLAP_QK,
-                    FOLD,
-                    PV8,
-                    SUM_MMA,
-                    UNROLL,
-                    P_SMEM,
-                ),
-            ),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
+                         v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES, PV8)),
+            (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM)),
+            (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM)),
         ],
         [4, 4],
         [CONSUMER_REGISTERS, CONSUMER_REGISTERS],
-    )
+    )  # fmt: skip
 
 
 def _descriptor(
