@@ -133,6 +133,10 @@ def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         entry["sd-int8-wgmma"].append(result)
         print(f"  {result}", flush=True)
+    # cuDNN again after the sweep: a drift in clocks over the run shows as a difference here
+    after = median(cudnn)
+    entry["sdpa-cudnn-after-sweep"] = {"tflops": round(flops / after / 1e12, 1)}
+    print(f"{shape}/{kind}: cuDNN after the sweep {flops / after / 1e12:.0f} TFLOP/s", flush=True)
     return entry
 
 
