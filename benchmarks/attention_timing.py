@@ -44,23 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "runtime"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from attention import SHAPES, environment, make_inputs  # noqa: E402
+from attention import SHAPES, environment, make_inputs, timed  # noqa: E402
 
 from smartdiff.attention.int8_wgmma import run_wgmma_attention  # noqa: E402
 
 
 def synchronized(fn: Callable[[], Any], iters: int) -> float:
-    """Median ms of one call, the device synchronized before each."""
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of one call, the device synchronized before each (:func:`attention.timed`)."""
+    return statistics.median(timed(fn, torch.device("cuda", 0), 0, iters)) * 1e3
 
 
 def queued(fn: Callable[[], Any], iters: int) -> tuple[float, float]:

@@ -46,7 +46,7 @@ What the unrolled loop changes: with one tile per iteration a warpgroup waits fo
 before its softmax (``wgmma.wait_group 1`` followed at once by ``0`` in the SASS), because the
 register allocator treats the 32 registers PV reads P from as free once the wgmma is issued
 (Triton copies P's pairs into them for the instruction; the wait is tied to the unpacked values
-only) and puts new values there (the row maximum, then the new P), so ptxas must wait first.
+only) and puts new values there (the new P; in a variant, the row maximum), so ptxas waits first.
 Two tiles per iteration give the two P's their own registers in some steps (at 2 stages one of
 the two in the loop; at the shipped 3 only the peeled ones, partly), at the price of 80-420
 bytes of spills (Triton 3.6; outside the loop body at 3 stages); at 3 stages the loop body
