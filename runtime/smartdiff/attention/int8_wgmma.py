@@ -61,13 +61,15 @@ same run (701 / 716 against 734 / 750 TFLOP/s,
 warpgroup barrier per tile cost more than the overlap brings. Overlapping a warpgroup's
 softmax with its own PV is not what this kernel is short of.
 
-Two more schedules measured slower (``benchmarks/results/attention_wgmma_diagnostics_h200.txt``,
+Three more schedules measured slower (``benchmarks/results/attention_wgmma_diagnostics_h200.txt``,
 kernel copies not kept): three consumer warpgroups (192 rows per CTA) spill at the 160 registers
 each can have (0.83x cuDNN); a clock read before the PV wait makes ptxas run the softmax during
 the warpgroup's own PV with P in registers (1.08-1.29x over six schedules against the default's
-1.33x). Clock stamps in the kernel put the softmax, 1,240-1,590 clocks per tile and warpgroup
-(two warpgroups' exponentials share each sub-partition's MUFU), against 768 clocks of tensor
-work per warpgroup and tile: the softmax is the long pole.
+1.33x); the ping-pong barriers around the softmax instead of the issue, so that the two
+warpgroups never share the exponential unit, 1.16-1.21x. Clock stamps in the kernel put the
+softmax at 1,240-1,590 clocks per tile and warpgroup against 768 clocks of tensor work per
+warpgroup and tile, and Nsight Compute finds the consumers issuing the softmax, not waiting for
+the tensor cores: the softmax's instruction count is what bounds this kernel.
 
 ``SUM_MMA`` (``sum_mma=True``, off by default) takes P's row sums on the tensor cores (a
 64x8 product of P with a tile of ones per PV) instead of one float add per probability: 25%
