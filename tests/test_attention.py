@@ -571,6 +571,34 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
 
 
 @needs_hopper_gluon
+def test_gpu_wgmma_lazy_rescaling_follows_a_moving_and_jumping_maximum() -> None:
+    """Keys whose scale grows along the sequence move the rows' maxima in many tiles, and a late
+    block of keys aligned with the queries jumps far past the lazy threshold: the rescaling
+    (skipped per warp while no row's alpha differs from 1) must still follow the emulation."""
+    from smartdiff.attention.int8_wgmma import run_wgmma_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (
+        torch.randn(1, tokens, 2, 128, generator=generator, device="cuda")
+        for tokens in (300, 4000, 4000)
+    )
+    k = k * torch.linspace(0.2, 3.0, 4000, device="cuda").view(1, -1, 1, 1)
+    k[:, 3500:3510] = 6 * q[:, :10].mean(dim=1, keepdim=True)
+    q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
+    out, lse = run_wgmma_attention(q, k, v)
+    ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
+    exact, exact_lse = reference_attention(q, k, v)
+    assert float((lse - ref_lse).abs().max()) < 4e-3
+    assert relative_error(out, ref) < 5e-3
+    assert relative_error(out, exact) <= 2 * BOUND  # the spread-out keys quantize coarsely
+    for stages, pingpong, unroll in ((2, True, 1), (4, False, 2)):
+        other, other_lse = run_wgmma_attention(
+            q, k, v, stages=stages, pingpong=pingpong, unroll=unroll
+        )
+        assert torch.equal(other, out) and torch.equal(other_lse, lse)
+
+
+@needs_hopper_gluon
 @pytest.mark.parametrize("seq_q, seq_k", [(1000, 777), (100, 128), (300, 129), (64, 40)])
 def test_gpu_wgmma_int8_pv_matches_exact_attention(seq_q: int, seq_k: int) -> None:
     from smartdiff.attention.int8_wgmma import run_wgmma_attention
