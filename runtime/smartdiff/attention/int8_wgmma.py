@@ -24,7 +24,7 @@ per tile) and meets key scale, query scale and maximum in one multiply-add per s
 by the key and then by the query scale, worth 10-15% of the kernel's speed. Each tile's key
 scale is loaded a step ahead of its use: loaded in the step that uses it, Nsight Compute put
 32% of the warps' stall cycles on that one global load (``attention_wgmma_ncu_h200.txt``;
-prefetched, the kernel took 8.07 instead of 8.55 ms). Rescaling is lazy, as in
+prefetched, the kernel took 8.07 instead of 8.55 ms). Rescaling (BF16 PV) is lazy, as in
 FlashAttention-4: a row's reference maximum moves only when a tile's maximum passes it by more
 than :data:`LAZY_THRESHOLD` (8, log2 units; P stays below 2**8, which BF16 and the fp32 sums
 carry), so after the first tiles nearly every alpha is exactly 1, and a warp none of whose rows
@@ -145,8 +145,9 @@ LAZY_THRESHOLD = gl.constexpr(8.0)
 _ACC = 64  # accumulator values per thread (64 rows x 128 channels over 128 threads)
 RESCALE_PACK = gl.constexpr(_ACC)
 # acc * alpha, one asm for a thread's 64 values (ties each output to its input): the warp votes
-# whether any of its rows' alpha (operands 128 and 130: rows r and r + 8 of the wgmma layout) is
-# not 1, and branches over the 64 multiplies when none is
+# whether any of its rows' alpha is not 1 (operands 128 and 130: rows r and r + 8 of the wgmma
+# layout; the PTX shows the values going r, r, r + 8, r + 8 in every group of four) and branches
+# over the 64 multiplies when none is
 _RESCALE_ASM = gl.constexpr(
     "{ .reg .pred p, q; "
     f"setp.neu.f32 p, ${2 * _ACC}, 0f3F800000; "
