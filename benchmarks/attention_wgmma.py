@@ -1,15 +1,17 @@
 """The ``sd-int8-wgmma`` kernel's schedule switches, measured side by side at the Wan shapes.
 
-:mod:`smartdiff.attention.int8_wgmma` (read its docstring) has five shipped compile-time
+:mod:`smartdiff.attention.int8_wgmma` (read its docstring) has six shipped compile-time
 switches: the shared-memory ring depth ``stages``, ``pingpong`` (the two consumer warpgroups
 take turns issuing their matrix products), ``overlap_qk`` (PV of the previous tile is issued
-before waiting for this tile's scores), ``unroll`` (key tiles per loop iteration) and ``fold``
-(the softmax's scales and row maximum in one multiply-add per score), and two experimental
-ones: ``sum_mma`` and ``pv8`` (INT8 PV). This script times a set of combinations next to cuDNN
+before waiting for this tile's scores), ``unroll`` (key tiles per loop iteration), ``fold``
+(the softmax's scales and row maximum in one multiply-add per score) and ``q_regs`` (the
+query tile in registers, QK^T's A operand), and three experimental ones: ``sum_mma``,
+``p_smem`` and ``pv8`` (INT8 PV). This script times a set of combinations next to cuDNN
 SDPA and the plain-Triton ``sd-int8`` on the same inputs, checks each against an fp32 reference
 on a sample of query rows, and checks that the schedule switches change nothing in the output
 (``fold``, ``sum_mma`` and ``pv8`` change the arithmetic). The backend ships ``stages=3``,
-``unroll=2``, ``overlap_qk`` and ``fold`` on, ``pingpong`` and the experimental two off.
+``unroll=2``, ``overlap_qk``, ``fold`` and ``q_regs`` on, ``pingpong`` and the experimental
+three off.
 
 History: the first Gluon prototype (one consumer warpgroup of 64 rows, 64-key tiles, per-key
 scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
@@ -54,23 +56,25 @@ SWITCHES = [
         "pv8": pv8,
         "unroll": unroll,
         "p_smem": p_smem,
+        "q_regs": q_regs,
     }
-    for fold, sum_mma, pv8, stages, pingpong, overlap, unroll, p_smem in (
-        (True, False, False, 3, False, True, 2, False),  # the default
-        (True, False, False, 2, True, True, 1, True),
-        (True, False, False, 2, False, True, 1, True),
-        (True, False, False, 3, False, True, 1, True),
-        (True, False, False, 3, True, True, 1, True),
-        (True, False, False, 3, False, True, 2, True),
-        (True, False, False, 2, False, True, 2, True),
-        (True, False, False, 4, False, True, 2, False),
-        (True, False, False, 3, True, True, 2, False),
-        (True, False, False, 2, True, True, 1, False),  # the default until 2026-11-28
-        (False, False, False, 2, True, True, 1, False),
-        (False, False, False, 3, True, False, 1, False),
-        (True, True, False, 3, False, True, 2, False),
-        (True, False, True, 2, True, True, 1, False),
-        (True, False, True, 2, False, True, 1, False),
+    for fold, sum_mma, pv8, stages, pingpong, overlap, unroll, p_smem, q_regs in (
+        (True, False, False, 3, False, True, 2, False, True),  # the default
+        (True, False, False, 3, False, True, 2, False, False),  # the default until 2026-11-29
+        (True, False, False, 2, True, True, 1, True, True),
+        (True, False, False, 2, False, True, 1, True, True),
+        (True, False, False, 3, False, True, 1, True, True),
+        (True, False, False, 3, True, True, 1, True, True),
+        (True, False, False, 3, False, True, 2, True, True),
+        (True, False, False, 2, False, True, 2, True, True),
+        (True, False, False, 4, False, True, 2, False, True),
+        (True, False, False, 3, True, True, 2, False, True),
+        (True, False, False, 2, True, True, 1, False, False),  # the default until 2026-11-28
+        (False, False, False, 2, True, True, 1, False, False),
+        (False, False, False, 3, True, False, 1, False, False),
+        (True, True, False, 3, False, True, 2, False, True),
+        (True, False, True, 2, True, True, 1, False, False),
+        (True, False, True, 2, False, True, 1, False, False),
     )
 ]
 

@@ -557,14 +557,15 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
         assert float((base_lse - ref_lse).abs().max()) < 4e-3
         assert relative_error(base, ref) < 5e-3
     # the schedule switches change the order of issue, not the arithmetic: bit for bit
-    for stages, pingpong, overlap_qk, unroll, p_smem in (
-        (2, True, True, 1, False), (2, False, False, 1, False), (4, True, False, 1, False),
-        (2, True, True, 2, False), (4, False, True, 2, False), (2, True, True, 1, True),
-        (3, False, True, 2, True),
+    for stages, pingpong, overlap_qk, unroll, p_smem, q_regs in (
+        (2, True, True, 1, False, True), (2, False, False, 1, False, False),
+        (4, True, False, 1, False, True), (2, True, True, 2, False, False),
+        (4, False, True, 2, False, True), (2, True, True, 1, True, True),
+        (3, False, True, 2, True, False), (3, False, True, 2, False, False),
     ):  # fmt: skip
         other, other_lse = run_wgmma_attention(
             q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, unroll=unroll,
-            p_smem=p_smem,
+            p_smem=p_smem, q_regs=q_regs,
         )  # fmt: skip
         assert torch.equal(other, out) and torch.equal(other_lse, lse)
     assert torch.equal(run_wgmma_attention(q, k, v)[0], out)
