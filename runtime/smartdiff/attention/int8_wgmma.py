@@ -88,7 +88,9 @@ the tensor cores: the softmax's instruction count is what bounds this kernel.
 ``SUM_MMA`` (``sum_mma=True``, off by default) takes P's row sums on the tensor cores (a
 64x8 product of P with a tile of ones per PV) instead of one float add per probability: 25%
 fewer instructions in the softmax, but 2-7% slower on the H200
-(``benchmarks/results/attention_wgmma_sum_mma_h200.json``): the kernel is not issue-bound.
+(``benchmarks/results/attention_wgmma_sum_mma_h200.json``; 5% / 26% at the 1.3B / 14B shapes
+with the query in registers, ``attention_wgmma_diagnostics_h200.txt`` section 13): the kernel
+is not issue-bound.
 
 ``PV8`` (``run_wgmma_attention(..., pv8=True)``, experiments only: over the 2e-2 bound and
 slower than BF16 PV as built; docs/performance.md has the figures) swaps BF16 PV for INT8 PV:
