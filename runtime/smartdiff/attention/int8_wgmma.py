@@ -56,15 +56,16 @@ the softmax after the PV wait. The last key tile is peeled out of the loop and m
 compile-time switch: a runtime branch inside the loop made ptxas wait for every wgmma before
 the softmax.
 
-What the unrolled loop changes: with one tile per iteration a warpgroup waits for its own PV
-before its softmax (``wgmma.wait_group 1`` followed at once by ``0`` in the SASS), because the
-register allocator treats the 32 registers PV reads P from as free once the wgmma is issued
-(Triton copies P's pairs into them for the instruction; the wait is tied to the unpacked values
-only) and puts new values there (the new P; in a variant, the row maximum), so ptxas waits first.
-Two tiles per iteration give the two P's their own registers in some steps (at 2 stages one of
-the two in the loop; at the shipped 3 only the peeled ones, partly), at the price of 80-420
-bytes of spills (Triton 3.6; outside the loop body at 3 stages); at 3 stages the loop body
-still waits, so the gain there (3-5%) is measured, not explained by overlap.
+What the unrolled loop changes: in most steps a warpgroup waits for its own PV before its
+exponentials (``wgmma.wait_group 1`` followed soon by ``0`` in the SASS). That is ptxas's
+scheduling, not a register conflict: in the loop's steps (shipped build, and one tile per
+iteration) no instruction before the second wait writes a register an in-flight wgmma uses, and
+the first that does comes 166-187 instructions after it (the new P's conversion into PV's
+operand registers); the wait names P only in a PTX comment, so nothing ties the exponentials
+before it (``attention_wgmma_diagnostics_h200.txt`` section 12; an earlier reading of the SASS
+blamed register reuse, which these checks do not bear out). Two tiles per iteration cost 80-420
+bytes of spills at 2 stages (Triton 3.6; none in the loop body at 3) and are 3-5% faster at 3
+stages, a gain measured, not explained by overlap.
 
 ``P_SMEM`` (``p_smem=True``, off) takes that wait away and prices it: P goes through two
 shared-memory buffers per warpgroup (PV's A operand from shared memory); every step's 64
