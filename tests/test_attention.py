@@ -416,6 +416,21 @@ _INTERPRETED_CHECK = textwrap.dedent("""
     expect = column_sums * 127 + 0x4B400000
     result["v8"] = [list(v8.shape), float(((back - v.float()).abs() / scale[:, :, None]).max()),
                     bool((tokens[..., 200:] == 0).all()), bool(torch.equal(sums.long(), expect))]
+    # sd-int8-wgmma's bounded launch: the flags of blocks of 128 queries against PyTorch, with
+    # one block of head 1 scaled up past the bound
+    from smartdiff.attention.int8_triton import bound_flags, quantize_qk
+    qb = q.float().repeat(1, 1, 2, 1)[:, :, :300]  # 3 blocks of 128 queries, the last partial
+    qb[:, 1, 128:256] *= 12
+    qk = quantize_qk(qb.bfloat16(), k, k_block=128, k_rows=128)
+    flags = bound_flags(qk, 128, 64.0)
+    qf, kf = qk.q.float(), qk.k.float()
+    top = qf.norm(dim=-1) * qk.q_scale * (kf.norm(dim=-1) * qk.k_scale).amax(-1, keepdim=True)
+    first = (qf @ kf[:, :, 0, :, None]).squeeze(-1) * qk.q_scale * qk.k_scale[:, :, :1]
+    worst = torch.nn.functional.pad(top - first, (0, 84), value=float("-inf"))
+    expect = (worst.unflatten(-1, (3, 128)).amax(-1) <= 64.0).int().flatten(0, 1)
+    scores = (qf @ kf.transpose(-1, -2)) * qk.q_scale[..., None] * qk.k_scale[:, :, None, :]
+    result["bound"] = [flags.tolist(), expect.tolist(),
+                       float((scores.amax(-1) - top).max())]  # Cauchy-Schwarz: <= 0
     print(json.dumps(result))
 """)
 
@@ -451,6 +466,8 @@ def test_triton_kernels_match_their_emulation_in_the_interpreter() -> None:
     assert sparse_error < 1.5e-2 and sparse_lse_error < 4e-4
     shape, error, padding_zero, sums_right = result["v8"]
     assert shape == [1, 2, 64, 256] and error <= 0.5 + 1e-3 and padding_zero and sums_right
+    flags, expect, excess = result["bound"]
+    assert flags == expect == [[1, 1, 1], [1, 0, 1]] and excess <= 1e-3
 
 
 @triton_missing
@@ -569,6 +586,39 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
         )  # fmt: skip
         assert torch.equal(other, out) and torch.equal(other_lse, lse)
     assert torch.equal(run_wgmma_attention(q, k, v)[0], out)
+    # the default launch is bounded: these blocks skip the row maxima; on random inputs no
+    # maximum moves past tile 0's by the lazy threshold, so the unbounded kernel agrees exactly
+    other, other_lse = run_wgmma_attention(q, k, v, bounded=False)
+    assert torch.equal(other, out) and torch.equal(other_lse, lse)
+
+
+@needs_hopper_gluon
+def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
+    """Blocks whose scores could pass tile 0's maximum by more than the bound (here the queries
+    of one block scaled up) take the kernel with row maxima, the others the one without; each
+    block is computed once and both agree with the emulation."""
+    from smartdiff.attention.int8_triton import bound_flags, quantize_qk
+    from smartdiff.attention.int8_wgmma import CTA_ROWS, SCORE_BOUND, run_wgmma_attention
+
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (
+        torch.randn(1, tokens, 2, 128, generator=generator, device="cuda")
+        for tokens in (700, 1500, 1500)
+    )
+    q[:, 256:384, 1] *= 6  # block 2 of head 1
+    q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
+    flags = bound_flags(quantize_qk(q, k, k_block=128, k_rows=128), CTA_ROWS, SCORE_BOUND)
+    expect = torch.ones(2, 6, dtype=torch.int32, device="cuda")
+    expect[1, 2] = 0
+    assert torch.equal(flags, expect)
+    out, lse = run_wgmma_attention(q, k, v)
+    ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
+    assert float((lse - ref_lse).abs().max()) < 4e-3
+    assert relative_error(out, ref) < 5e-3
+    slow, slow_lse = run_wgmma_attention(q, k, v, bounded=False)
+    block = (slice(None), 1, slice(256, 384))  # ran the same kernel in both calls
+    assert torch.equal(out[block], slow[block]) and torch.equal(lse[block], slow_lse[block])
+    assert relative_error(out, slow) < 1e-3
 
 
 @needs_hopper_gluon
@@ -586,7 +636,7 @@ def test_gpu_wgmma_lazy_rescaling_follows_a_moving_and_jumping_maximum() -> None
     k = k * torch.linspace(0.2, 3.0, 4000, device="cuda").view(1, -1, 1, 1)
     k[:, 3500:3510] = 6 * q[:, :10].mean(dim=1, keepdim=True)
     q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
-    out, lse = run_wgmma_attention(q, k, v)
+    out, lse = run_wgmma_attention(q, k, v, bounded=False)  # every block with row maxima
     ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
     exact, exact_lse = reference_attention(q, k, v)
     assert float((lse - ref_lse).abs().max()) < 4e-3
@@ -594,9 +644,13 @@ def test_gpu_wgmma_lazy_rescaling_follows_a_moving_and_jumping_maximum() -> None
     assert relative_error(out, exact) <= 2 * BOUND  # the spread-out keys quantize coarsely
     for stages, pingpong, unroll in ((2, True, 1), (4, False, 2)):
         other, other_lse = run_wgmma_attention(
-            q, k, v, stages=stages, pingpong=pingpong, unroll=unroll
+            q, k, v, stages=stages, pingpong=pingpong, unroll=unroll, bounded=False
         )
         assert torch.equal(other, out) and torch.equal(other_lse, lse)
+    # bounded (this input's blocks pass the bound: their maxima stay within 2**64 of tile 0's)
+    other, other_lse = run_wgmma_attention(q, k, v)
+    assert float((other_lse - ref_lse).abs().max()) < 4e-3
+    assert relative_error(other, ref) < 5e-3
 
 
 @needs_hopper_gluon

@@ -161,6 +161,39 @@ def quantize_v_kernel(
 
 
 @triton.jit
+def key_norm_kernel(k_ptr, ks_ptr, out_ptr, seq_k, ROWS: tl.constexpr, D: tl.constexpr):
+    """``out[bh] = max |k_j|`` over the keys of one (batch, head), dequantized (atomic)."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = t * ROWS + tl.arange(0, ROWS)
+    ok = rows < seq_k
+    x = tl.load(k_ptr + (bh * seq_k + rows)[:, None] * D + tl.arange(0, D)[None, :],
+                mask=ok[:, None], other=0).to(tl.float32)  # fmt: skip
+    norm = tl.sqrt(tl.sum(x * x, axis=1)) * tl.load(ks_ptr + bh * seq_k + rows, mask=ok, other=0.0)
+    tl.atomic_max(out_ptr + bh, tl.max(norm, axis=0))
+
+
+@triton.jit
+def bound_flags_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, kmax_ptr, out_ptr, seq_q, seq_k,
+                        BOUND: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """One flag per block of ``ROWS`` queries: 1 when for every row ``|q_i| max_j |k_j| -
+    q_i . k_0`` (log2 units, the int8 values dequantized) is at most ``BOUND``."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = t * ROWS + tl.arange(0, ROWS)
+    ok = rows < seq_q
+    cols = tl.arange(0, D)
+    x = tl.load(q_ptr + (bh * seq_q + rows)[:, None] * D + cols[None, :], mask=ok[:, None],
+                other=0).to(tl.float32)  # fmt: skip
+    q_scale = tl.load(qs_ptr + bh * seq_q + rows, mask=ok, other=0.0)
+    k0 = tl.load(k_ptr + bh * seq_k * D + cols).to(tl.float32)
+    first = tl.sum(x * k0[None, :], axis=1) * q_scale * tl.load(ks_ptr + bh * seq_k)
+    top = tl.sqrt(tl.sum(x * x, axis=1)) * q_scale * tl.load(kmax_ptr + bh)
+    worst = tl.max(tl.where(ok, top - first, float("-inf")), axis=0)
+    tl.store(out_ptr + bh * tl.num_programs(0) + t, (worst <= BOUND).to(tl.int32))
+
+
+@triton.jit
 def attend_tile(
     acc,
     l_i,

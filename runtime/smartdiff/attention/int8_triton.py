@@ -45,6 +45,8 @@ from smartdiff.attention.int8_kernels import (
     DENSE_KERNEL,
     INTERPRETED,
     SPARSE_KERNEL,
+    bound_flags_kernel,
+    key_norm_kernel,
     quantize_kernel,
     quantize_v_kernel,
 )
@@ -257,6 +259,25 @@ def quantize_qk(
     )
     k8, k_scale, pooled_k, _ = _quantize(k, k_rows, k_block, 1.0, k_mean, pool)
     return QuantizedQK(q8, q_scale, k8, k_scale, shift, pooled_q, pooled_k)
+
+
+def bound_flags(qk: QuantizedQK, rows: int, bound: float) -> torch.Tensor:
+    """int32 ``[B * H, ceil(Sq / rows)]``: 1 for the blocks of ``rows`` queries whose scores
+    stay within ``bound`` (log2 units) of any reference at least their score with key 0.
+
+    For a row i every score is at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8
+    values, dequantized) and a reference taken as a maximum over tile 0 is at least the score
+    with key 0 (``sd-int8-wgmma``'s bounded launch: no row maxima after tile 0 where it holds)."""
+    batch, heads, seq_q, dim = qk.q.shape
+    seq_k = qk.k.shape[2]
+    pairs = batch * heads
+    top = torch.zeros(pairs, dtype=torch.float32, device=qk.q.device)
+    key_norm_kernel[(triton.cdiv(seq_k, K_ROWS), pairs)](qk.k, qk.k_scale, top, seq_k, K_ROWS, dim)
+    flags = torch.empty((pairs, triton.cdiv(seq_q, rows)), dtype=torch.int32, device=qk.q.device)
+    bound_flags_kernel[(flags.shape[1], pairs)](
+        qk.q, qk.q_scale, qk.k, qk.k_scale, top, flags, seq_q, seq_k, bound, rows, dim
+    )
+    return flags
 
 
 def _forward(

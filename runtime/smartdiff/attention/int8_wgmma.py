@@ -40,6 +40,27 @@ faster in the sweep (731 against 713 and 767 against 752 TFLOP/s at the 1.3B / 1
 (``attention_timing_qregs_h200.json``, against 1.328x / 1.339x before). With INT8 PV it adds
 spills (244 against 40 bytes), so that path keeps Q in shared memory.
 
+The bounded launch (``run_wgmma_attention(bounded=True)``, the default for BF16 PV): a row's
+scores are at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8 values) and its reference,
+tile 0's maximum, is at least its score with key 0. Where that gap stays within
+:data:`SCORE_BOUND` (64, log2 units) for all 128 rows of a block, no probability of the block
+can pass 2**64 with the reference fixed after tile 0, so the block needs no row maximum and no
+rescaling in any later tile (:func:`_softmax_bounded`: 30 integer maxima, 4 shuffles and the
+rescale vote fewer per step). Two small Triton kernels write one flag per block
+(:func:`.int8_triton.bound_flags`); the kernel is then launched twice, compiled with ``RUN`` 1
+(the flagged blocks, without maxima) and 2 (the others, as before); a block that is not its
+launch's does tile 0 and stores nothing. Deciding inside the kernel instead (a branch per tile,
+or one per warpgroup between two copies of the loop) cost more in scheduling than the maxima
+(``attention_wgmma_diagnostics_h200.txt`` section 19). Random inputs at the Wan shapes are all
+flagged: 1.393x / 1.433x cuDNN against 1.349x / 1.371x unbounded in the same run, the same
+output bit for bit (``attention_wgmma_bounded_h200.json``).
+
+What bounds the kernel on the H200 measured here is power: every attention kernel and GEMM
+tried runs at the 700 W software power cap, the clock lowered to stay there (1680 MHz under
+cuDNN, 1770 under this kernel, 1470 under a bf16 GEMM; ``attention_power_h200.json``), so a
+call's time is its energy over ~690 W. The softmax is ~19% of this kernel's energy; schedules
+that overlap more of the same work do not help (section 17 of the diagnostics).
+
 Measured (``benchmarks/attention_wgmma.py`` sweeps the switches; H200, cuDNN SDPA in the same
 run, ``benchmarks/results/attention_wgmma_schedules_h200.json``): the default (3 stages, two
 tiles per iteration, no ping-pong, prefetched key scales) 742 / 744 TFLOP/s = 1.32x / 1.33x
@@ -132,7 +153,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from smartdiff.attention.int8_triton import channels_last, quantize_qk, quantize_v
+from smartdiff.attention.int8_triton import (
+    QuantizedQK,
+    bound_flags,
+    channels_last,
+    quantize_qk,
+    quantize_v,
+)
 from smartdiff.attention.quantization import check_qkv
 
 OP_NAME: Final = "smartdiff::int8_wgmma_attention"
@@ -155,6 +182,10 @@ P_ROUNDING = gl.constexpr(12582912.0 - 127.0)  # 1.5 * 2**23 - 127
 # lazy rescaling: a row's reference maximum moves only when a tile's maximum passes it by more
 # than this (log2 units), so P stays below 2**8 and most steps keep their accumulator as is
 LAZY_THRESHOLD = gl.constexpr(8.0)
+# the bounded launch (``run_wgmma_attention(bounded=True)``): a query block runs without row
+# maxima when no score can pass its reference by more than this (log2 units): P < 2**64, so
+# neither the exponentials (fp32 overflows at 2**128) nor the sums can overflow
+SCORE_BOUND: Final = 64.0
 _ACC = 64  # accumulator values per thread (64 rows x 128 channels over 128 threads)
 RESCALE_PACK = gl.constexpr(_ACC)
 # acc * alpha, one asm for a thread's 64 values (ties each output to its input): the warp votes
@@ -229,6 +260,20 @@ def _softmax(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexp
         return p, alpha, m_new, l_i
     else:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _softmax_bounded(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr):
+    """``_softmax`` (folded) without the row maximum, for a query block whose scores are known
+    to stay within :data:`SCORE_BOUND` of each row's reference (tile 0's maximum): the
+    reference never moves, so there is no maximum to take and nothing to rescale."""
+    u = (s + INT_TO_FLOAT_BITS).to(gl.float32, bitcast=True)
+    x = gl.fma(u, (q_scale * scale)[:, None], (q_scale * offset - m_i)[:, None])
+    if MASK:
+        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        x = gl.where((cols < seq_k)[None, :], x, float("-inf"))
+    p = gl.exp2(x)
+    return p, l_i + gl.sum(p, axis=1)
 
 
 @gluon.jit
@@ -354,10 +399,11 @@ def _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_ptr, s_zero, WG: gl.
 @gluon.jit
 def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
           OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr,
-          SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr):  # fmt: skip
+          SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr, BOUNDED: gl.constexpr):  # fmt: skip
     """Key tile n: its scores, the softmax, and PV of tile n - 1 (module docstring); ``state``
     in, the next ``state`` out. The tile's key scale (``scale``, ``offset``) came with the
-    previous step; the next tile's is loaded here and returned for the next step."""
+    previous step; the next tile's is loaded here and returned for the next step. ``BOUNDED``:
+    no row maximum and no rescaling (:func:`_softmax_bounded`)."""
     (q_view, k_smem, v_smem, ones, p_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, seq_k,
      q_scale, s_zero) = ctx  # fmt: skip
     acc, p, alpha, m_i, l_i, scale, offset = state
@@ -369,8 +415,8 @@ def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.co
         next_scale, next_offset = scale, offset
     else:  # a step ahead of its use: a load right before the softmax stalled it (see above)
         next_scale, next_offset = _key_scale(ks_ptr, (n + 1) * block_n)
-    # before the products are issued (nothing in flight: the branch does not stall a wgmma)
-    acc = _rescale(acc, gl.convert_layout(alpha, row_o))
+    if not BOUNDED:  # before the products are issued (nothing in flight: the branch does not
+        acc = _rescale(acc, gl.convert_layout(alpha, row_o))  # stall a wgmma)
     mbarrier.wait(k_full.index(ks), (n // STAGES) & 1)
     _take_turn(turn, WG, n, PINGPONG)
     s_tok = _scores(q_view, k_smem, ks, s_zero)
@@ -389,8 +435,12 @@ def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.co
     if OVERLAP_QK:
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(ks))
-    p_f32, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, n * block_n, seq_k,
-                                      MASK, FOLD, SUM_MMA)  # fmt: skip
+    if BOUNDED:
+        p_f32, l_i = _softmax_bounded(s, scale, offset, q_scale, m_i, l_i, n * block_n, seq_k,
+                                      MASK)  # fmt: skip
+    else:
+        p_f32, alpha, m_i, l_i = _softmax(s, scale, offset, q_scale, m_i, l_i, n * block_n,
+                                          seq_k, MASK, FOLD, SUM_MMA)  # fmt: skip
     if P_SMEM:  # this tile's P into the buffer PV of tile n - 2 read (waited for last step)
         _store_p(p_smem, WG * 2 + n % 2, p_f32)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
@@ -410,13 +460,14 @@ def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.co
 def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
               FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr,
-              UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr):  # fmt: skip
+              UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
+              BOUNDED: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output; ``args``
     is the kernel's tuple of the (non-constexpr) values both consumers take
     (:func:`wgmma_attention_kernel`; a constexpr inside a tuple stops being one)."""
     (q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr,
      ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h,
-     bh, off_m, stride_ob, stride_oh, stride_os) = args  # fmt: skip
+     bh, off_m, stride_ob, stride_oh, stride_os, run) = args  # fmt: skip
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                    qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
@@ -425,20 +476,23 @@ def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
     else:
         _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
                     turn, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
-                    h, bh, off_m, stride_ob, stride_oh, stride_os,
+                    h, bh, off_m, stride_ob, stride_oh, stride_os, run,
                     WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
-                    SUM_MMA, UNROLL, P_SMEM, Q_REGS)  # fmt: skip
+                    SUM_MMA, UNROLL, P_SMEM, Q_REGS, BOUNDED)  # fmt: skip
 
 
 @gluon.jit
 def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                 qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
-                off_m, stride_ob, stride_oh, stride_os,
+                off_m, stride_ob, stride_oh, stride_os, run,
                 WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
                 FOLD: gl.constexpr, SUM_MMA: gl.constexpr,
-                UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr):  # fmt: skip
-    """BF16 PV: 64 query rows against every key tile, then the output."""
+                UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
+                BOUNDED: gl.constexpr):  # fmt: skip
+    """BF16 PV: 64 query rows against every key tile, then the output (stored where ``run``
+    is not 0). ``BOUNDED``: every tile after the first without row maxima
+    (:func:`_softmax_bounded`; the caller checked the bound)."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
@@ -477,6 +531,8 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     if P_SMEM:
         _store_p(p_smem, WG * 2, p)
     p = gl.convert_layout(_to_bf16(p), p_layout)
+    if BOUNDED:  # the reference is tile 0's maximum for good (alpha 0 only met a zero acc)
+        alpha = gl.full([BLOCK_M], 1.0, gl.float32, row_s)
     # what every step takes besides the running state (a constexpr cannot ride in the tuple)
     ctx = (q_view, k_smem, v_smem, ones, p_smem, k_full, k_empty, v_full, v_empty, turn, ks_base,
            seq_k, q_scale, s_zero)  # fmt: skip
@@ -484,23 +540,24 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     if UNROLL == 1:
         for n in range(1, n_tiles - 1):
             state = _step(ctx, n, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
-                          P_SMEM)  # fmt: skip
+                          P_SMEM, BOUNDED)  # fmt: skip
     else:  # two tiles per iteration (module docstring), the odd one after the loop
         odd = (n_tiles - 2) % 2
         for n in range(1, n_tiles - 1 - odd, 2):
             state = _step(ctx, n, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False, SUM_MMA,
-                          P_SMEM)  # fmt: skip
+                          P_SMEM, BOUNDED)  # fmt: skip
             state = _step(ctx, n + 1, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False,
-                          SUM_MMA, P_SMEM)  # fmt: skip
+                          SUM_MMA, P_SMEM, BOUNDED)  # fmt: skip
         if odd == 1:
             state = _step(ctx, n_tiles - 2, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, False,
-                          SUM_MMA, P_SMEM)  # fmt: skip
+                          SUM_MMA, P_SMEM, BOUNDED)  # fmt: skip
     if n_tiles > 1:  # the last tile, masked, peeled out of the loop
         state = _step(ctx, n_tiles - 1, state, WG, STAGES, PINGPONG, OVERLAP_QK, FOLD, True,
-                      SUM_MMA, P_SMEM)  # fmt: skip
+                      SUM_MMA, P_SMEM, BOUNDED)  # fmt: skip
     acc, p, alpha, m_i, l_i, scale, offset = state
     last = n_tiles - 1
-    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    if not BOUNDED:
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
     v_tile = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
     if P_SMEM:
@@ -519,10 +576,10 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     rows = row0 + gl.arange(0, BLOCK_M, layout=row_o)
     cols = gl.arange(0, HEAD_DIM, layout=col_o)
     dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
-    gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
+    gl.store(dst, out.to(gl.bfloat16), mask=((rows < seq_q) & (run != 0))[:, None])
     shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
     lse2 = m_i + gl.log2(total) + shift
-    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok)
+    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok & (run != 0))
 
 
 @gluon.jit
@@ -660,13 +717,16 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_e
 @gluon.jit
 def wgmma_attention_kernel(
     q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr,
-    lse_ptr,
+    lse_ptr, flags_ptr,
     seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
     SUM_MMA: gl.constexpr, UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
+    RUN: gl.constexpr,
 ):  # fmt: skip
-    """128 query rows of one (batch, head): shared memory, barriers, three partitions."""
+    """128 query rows of one (batch, head): shared memory, barriers, three partitions. ``RUN``
+    0: every block; 1: the blocks whose flag (:func:`.int8_triton.bound_flags`) is 1, without
+    row maxima; 2: those whose flag is 0 (the others do tile 0 only and store nothing)."""
     bh = gl.program_id(1)
     b = bh // heads
     h = bh % heads
@@ -711,20 +771,29 @@ def wgmma_attention_kernel(
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
+    if RUN == 0:
+        run = n_tiles * 0 + 1
+    else:
+        flag = gl.load(flags_ptr + bh * gl.num_programs(0) + gl.program_id(0))
+        if RUN == 1:  # noqa: SIM108 (a compile-time branch; keep it a statement)
+            run = flag
+        else:
+            run = 1 - flag
+        n_tiles = 1 + (n_tiles - 1) * run
     # what both consumers take: one tuple of values, then the constexprs (with the warpgroup)
     consumer_args = (
         q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
         qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k,
-        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
+        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os, run,
     )  # fmt: skip
     gl.warp_specialize(
         [
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
                          v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES, PV8)),
             (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS)),
+                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
             (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS)),
+                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
         ],
         [4, 4],
         [CONSUMER_REGISTERS, CONSUMER_REGISTERS],
@@ -770,11 +839,14 @@ def run_wgmma_attention(
     unroll: int | None = None,
     p_smem: bool = False,
     q_regs: bool = True,
+    bounded: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``; ``unroll``
     defaults to 2 (1 with ``pv8``, which has no unrolled loop); ``p_smem`` (BF16 PV only)
     needs ``stages <= 3`` (shared memory); ``q_regs`` (BF16 PV only: with INT8 PV ptxas spills
-    244 instead of 40 bytes) keeps the query tile in registers."""
+    244 instead of 40 bytes) keeps the query tile in registers; ``bounded`` (BF16 PV, folded,
+    without ``sum_mma``) runs the query blocks whose scores are bounded (:func:`bound_flags`)
+    without row maxima, the others as before (two launches)."""
     _check_inputs(q, k, v)
     if stages < 2:
         raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
@@ -793,7 +865,6 @@ def run_wgmma_attention(
         raise ValueError("sd-int8-wgmma: pv8=True needs fold=True (INT8 PV is folded only)")
     q, k, v = channels_last(q), channels_last(k), channels_last(v)
     batch, heads, seq_q, dim = q.shape
-    seq_k = k.shape[2]
     qk = quantize_qk(q, k, k_block=BLOCK_N, k_rows=BLOCK_N)
     if pv8:
         v8, v_scale, v_mean, sums = quantize_v(v, int8=True)
@@ -804,6 +875,25 @@ def run_wgmma_attention(
         sums = qk.q_scale  # unused
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    bounded = bounded and fold and not (pv8 or sum_mma)
+    # (unused without bounded)
+    flags = bound_flags(qk, CTA_ROWS, SCORE_BOUND) if bounded else qk.q_scale
+    for run in (1, 2) if bounded else (0,):
+        _launch(qk, v_desc, v_scale, v_mean, sums, out, lse, flags, stages=stages,
+                pingpong=pingpong, overlap_qk=overlap_qk, fold=fold, pv8=pv8, sum_mma=sum_mma,
+                unroll=unroll, p_smem=p_smem, q_regs=q_regs, run=run)  # fmt: skip
+    return out.transpose(1, 2), lse
+
+
+def _launch(qk: QuantizedQK, v_desc: TensorDescriptor, v_scale: torch.Tensor,
+            v_mean: torch.Tensor, sums: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+            flags: torch.Tensor, *, stages: int, pingpong: bool, overlap_qk: bool, fold: bool,
+            pv8: bool, sum_mma: bool, unroll: int, p_smem: bool, q_regs: bool,
+            run: int) -> None:  # fmt: skip
+    """One launch of :func:`wgmma_attention_kernel` over every query block (``run``: its
+    ``RUN``)."""
+    batch, heads, seq_q, dim = qk.q.shape
+    seq_k = qk.k.shape[2]
     wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
         _descriptor(qk.q, WG_ROWS.value, gl.int8),
         _descriptor(qk.k, BLOCK_N, gl.int8),
@@ -816,6 +906,7 @@ def run_wgmma_attention(
         sums,
         out,
         lse,
+        flags,
         seq_q,
         seq_k,
         heads,
@@ -833,10 +924,10 @@ def run_wgmma_attention(
         UNROLL=unroll,
         P_SMEM=p_smem,
         Q_REGS=q_regs and not pv8,
+        RUN=run,
         num_warps=4,
         maxnreg=LAUNCH_REGISTERS,
     )
-    return out.transpose(1, 2), lse
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cuda")
