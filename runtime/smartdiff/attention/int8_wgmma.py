@@ -154,7 +154,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from smartdiff.attention.int8_triton import (
-    QuantizedQK,
     bound_flags,
     channels_last,
     quantize_qk,
@@ -865,6 +864,7 @@ def run_wgmma_attention(
         raise ValueError("sd-int8-wgmma: pv8=True needs fold=True (INT8 PV is folded only)")
     q, k, v = channels_last(q), channels_last(k), channels_last(v)
     batch, heads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
     qk = quantize_qk(q, k, k_block=BLOCK_N, k_rows=BLOCK_N)
     if pv8:
         v8, v_scale, v_mean, sums = quantize_v(v, int8=True)
@@ -876,58 +876,32 @@ def run_wgmma_attention(
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     bounded = bounded and fold and not (pv8 or sum_mma)
-    # (unused without bounded)
-    flags = bound_flags(qk, CTA_ROWS, SCORE_BOUND) if bounded else qk.q_scale
-    for run in (1, 2) if bounded else (0,):
-        _launch(qk, v_desc, v_scale, v_mean, sums, out, lse, flags, stages=stages,
-                pingpong=pingpong, overlap_qk=overlap_qk, fold=fold, pv8=pv8, sum_mma=sum_mma,
-                unroll=unroll, p_smem=p_smem, q_regs=q_regs, run=run)  # fmt: skip
-    return out.transpose(1, 2), lse
-
-
-def _launch(qk: QuantizedQK, v_desc: TensorDescriptor, v_scale: torch.Tensor,
-            v_mean: torch.Tensor, sums: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
-            flags: torch.Tensor, *, stages: int, pingpong: bool, overlap_qk: bool, fold: bool,
-            pv8: bool, sum_mma: bool, unroll: int, p_smem: bool, q_regs: bool,
-            run: int) -> None:  # fmt: skip
-    """One launch of :func:`wgmma_attention_kernel` over every query block (``run``: its
-    ``RUN``)."""
-    batch, heads, seq_q, dim = qk.q.shape
-    seq_k = qk.k.shape[2]
-    wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
+    flags = bound_flags(qk, CTA_ROWS, SCORE_BOUND) if bounded else qk.q_scale  # (else unused)
+    args = (
         _descriptor(qk.q, WG_ROWS.value, gl.int8),
         _descriptor(qk.k, BLOCK_N, gl.int8),
-        v_desc,
-        qk.q_scale,
-        qk.k_scale,
-        qk.shift,
-        v_scale,
-        v_mean,
-        sums,
-        out,
-        lse,
-        flags,
-        seq_q,
-        seq_k,
-        heads,
-        out.stride(0),
-        out.stride(2),
-        out.stride(1),
-        BLOCK_N=BLOCK_N,
-        HEAD_DIM=dim,
-        STAGES=stages,
-        PINGPONG=pingpong,
-        OVERLAP_QK=overlap_qk,
-        FOLD=fold,
-        PV8=pv8,
-        SUM_MMA=sum_mma and not pv8,
-        UNROLL=unroll,
-        P_SMEM=p_smem,
-        Q_REGS=q_regs and not pv8,
-        RUN=run,
-        num_warps=4,
-        maxnreg=LAUNCH_REGISTERS,
-    )
+        v_desc, qk.q_scale, qk.k_scale, qk.shift, v_scale, v_mean, sums, out, lse, flags,
+        seq_q, seq_k, heads, out.stride(0), out.stride(2), out.stride(1),
+    )  # fmt: skip
+    for run in (1, 2) if bounded else (0,):  # the blocks the bound lets go without maxima
+        wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
+            *args,
+            BLOCK_N=BLOCK_N,
+            HEAD_DIM=dim,
+            STAGES=stages,
+            PINGPONG=pingpong,
+            OVERLAP_QK=overlap_qk,
+            FOLD=fold,
+            PV8=pv8,
+            SUM_MMA=sum_mma and not pv8,
+            UNROLL=unroll,
+            P_SMEM=p_smem,
+            Q_REGS=q_regs and not pv8,
+            RUN=run,
+            num_warps=4,
+            maxnreg=LAUNCH_REGISTERS,
+        )
+    return out.transpose(1, 2), lse
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cuda")
