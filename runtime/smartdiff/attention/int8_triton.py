@@ -70,6 +70,7 @@ from smartdiff.attention.sparsity import (
 HEAD_DIMS: Final = (64, 128)
 Q_ROWS: Final = SPARSE_Q_BLOCK  # query rows per quantization program (and pooled block)
 K_ROWS: Final = SPARSE_K_BLOCK  # key rows per quantization program (and pooled block)
+BOUND_LOG2: Final = 126.0  # bound_flags keeps the bounded launch's sums below 2**this
 V_ROWS: Final = 64
 V8_TILE: Final = 128  # INT8 V: tokens per column sum (one key tile of sd-int8-wgmma)
 FP8_PAD: Final = 16  # FP8 V rows are padded to a multiple of this (16-byte aligned strides)
@@ -261,22 +262,30 @@ def quantize_qk(
     return QuantizedQK(q8, q_scale, k8, k_scale, shift, pooled_q, pooled_k)
 
 
-def bound_flags(qk: QuantizedQK, rows: int, bound: float) -> torch.Tensor:
-    """int32 ``[B * H, ceil(Sq / rows)]``: 1 for the blocks of ``rows`` queries whose scores
-    stay within ``bound`` (log2 units) of any reference at least their score with key 0.
+def bound_flags(qk: QuantizedQK, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """int32 ``[B * H, ceil(Sq / rows)]``: 1 for the blocks of ``rows`` queries that can take
+    ``sd-int8-wgmma``'s bounded launch (no row maxima after tile 0).
 
     For a row i every score is at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8
-    values, dequantized) and a reference taken as a maximum over tile 0 is at least the score
-    with key 0 (``sd-int8-wgmma``'s bounded launch: no row maxima after tile 0 where it holds)."""
+    values, dequantized, log2 units) and a reference taken as a maximum over tile 0 is at least
+    the score with key 0; call the difference B. With the reference fixed, every probability is
+    at most 2**B, the row's sum at most ``N 2**B`` and each output channel's accumulator at most
+    ``N 2**B max |v|`` (N keys): a block is flagged when ``B <= BOUND_LOG2 - log2 N - log2
+    max(max |v|, 1)`` for all its rows, so that neither can pass 2**126 (fp32 overflows at
+    2**128). ``v [B, H, Sk, D]`` with its channels contiguous."""
     batch, heads, seq_q, dim = qk.q.shape
     seq_k = qk.k.shape[2]
     pairs = batch * heads
-    top = torch.zeros(pairs, dtype=torch.float32, device=qk.q.device)
-    key_norm_kernel[(triton.cdiv(seq_k, K_ROWS), pairs)](qk.k, qk.k_scale, top, seq_k, K_ROWS, dim)
+    kv_max = torch.zeros((pairs, 2), dtype=torch.float32, device=qk.q.device)
+    key_norm_kernel[(triton.cdiv(seq_k, K_ROWS), pairs)](
+        qk.k, qk.k_scale, v, kv_max, seq_k, heads, v.stride(0), v.stride(1), v.stride(2), K_ROWS,
+        dim,
+    )  # fmt: skip
     flags = torch.empty((pairs, triton.cdiv(seq_q, rows)), dtype=torch.int32, device=qk.q.device)
     bound_flags_kernel[(flags.shape[1], pairs)](
-        qk.q, qk.q_scale, qk.k, qk.k_scale, top, flags, seq_q, seq_k, bound, rows, dim
-    )
+        qk.q, qk.q_scale, qk.k, qk.k_scale, kv_max, flags, seq_q, seq_k,
+        BOUND_LOG2 - math.log2(seq_k), rows, dim,
+    )  # fmt: skip
     return flags
 
 
