@@ -161,21 +161,29 @@ def quantize_v_kernel(
 
 
 @triton.jit
+def _int8_rows(x_ptr, scale_ptr, seq, ROWS: tl.constexpr, D: tl.constexpr):
+    """Rows ``t * ROWS ...`` of one (batch, head) of an int8 ``[B * H, seq, D]`` tensor and its
+    per-token scales (program ids: t, bh), as fp32 ``(values, scales, row indices, in range)``;
+    rows past ``seq`` read as zeros with scale 0."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < seq
+    x = tl.load(x_ptr + (bh * seq + rows)[:, None] * D + tl.arange(0, D)[None, :],
+                mask=ok[:, None], other=0).to(tl.float32)  # fmt: skip
+    return x, tl.load(scale_ptr + bh * seq + rows, mask=ok, other=0.0), rows, ok
+
+
+@triton.jit
 def key_norm_kernel(k_ptr, ks_ptr, v_ptr, out_ptr, seq_k, heads, stride_vb, stride_vh, stride_vs,
                     ROWS: tl.constexpr, D: tl.constexpr):  # fmt: skip
     """``out[bh] = (max |k_j|, max |v_jd|)`` over the keys of one (batch, head), K dequantized
     from int8, V as given (bf16/fp16, channels contiguous); atomic maxima into zeros."""
-    t = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = t * ROWS + tl.arange(0, ROWS)
-    ok = rows < seq_k
-    cols = tl.arange(0, D)
-    x = tl.load(k_ptr + (bh * seq_k + rows)[:, None] * D + cols[None, :], mask=ok[:, None],
-                other=0).to(tl.float32)  # fmt: skip
-    norm = tl.sqrt(tl.sum(x * x, axis=1)) * tl.load(ks_ptr + bh * seq_k + rows, mask=ok, other=0.0)
-    tl.atomic_max(out_ptr + 2 * bh, tl.max(norm, axis=0))
+    x, k_scale, rows, ok = _int8_rows(k_ptr, ks_ptr, seq_k, ROWS, D)
+    tl.atomic_max(out_ptr + 2 * bh, tl.max(tl.sqrt(tl.sum(x * x, axis=1)) * k_scale, axis=0))
     v_base = v_ptr + (bh // heads) * stride_vb + (bh % heads) * stride_vh
-    v = tl.load(v_base + rows[:, None] * stride_vs + cols[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_vs + tl.arange(0, D)[None, :], mask=ok[:, None],
+                other=0.0)  # fmt: skip
     tl.atomic_max(out_ptr + 2 * bh + 1, tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
 
 
@@ -185,20 +193,14 @@ def bound_flags_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, kv_max_ptr, out_ptr, seq_q,
     """One flag per block of ``ROWS`` queries: 1 when for every row ``|q_i| max_j |k_j| -
     q_i . k_0`` (log2 units, the int8 values dequantized) is at most ``limit - log2(max(max
     |v|, 1))``."""
-    t = tl.program_id(0)
     bh = tl.program_id(1)
-    rows = t * ROWS + tl.arange(0, ROWS)
-    ok = rows < seq_q
-    cols = tl.arange(0, D)
-    x = tl.load(q_ptr + (bh * seq_q + rows)[:, None] * D + cols[None, :], mask=ok[:, None],
-                other=0).to(tl.float32)  # fmt: skip
-    q_scale = tl.load(qs_ptr + bh * seq_q + rows, mask=ok, other=0.0)
-    k0 = tl.load(k_ptr + bh * seq_k * D + cols).to(tl.float32)
+    x, q_scale, rows, ok = _int8_rows(q_ptr, qs_ptr, seq_q, ROWS, D)
+    k0 = tl.load(k_ptr + bh * seq_k * D + tl.arange(0, D)).to(tl.float32)
     first = tl.sum(x * k0[None, :], axis=1) * q_scale * tl.load(ks_ptr + bh * seq_k)
     top = tl.sqrt(tl.sum(x * x, axis=1)) * q_scale * tl.load(kv_max_ptr + 2 * bh)
     worst = tl.max(tl.where(ok, top - first, float("-inf")), axis=0)
     allowed = limit - tl.log2(tl.maximum(tl.load(kv_max_ptr + 2 * bh + 1), 1.0))
-    tl.store(out_ptr + bh * tl.num_programs(0) + t, (worst <= allowed).to(tl.int32))
+    tl.store(out_ptr + bh * tl.num_programs(0) + tl.program_id(0), (worst <= allowed).to(tl.int32))
 
 
 @triton.jit
