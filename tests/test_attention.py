@@ -188,6 +188,14 @@ def test_the_wgmma_kernel_rejects_what_it_cannot_take() -> None:
         run_wgmma_attention(q, k, v, p_smem=True, stages=4)
     with pytest.raises(ValueError, match="pv8=True needs fold=True"):
         run_wgmma_attention(q, k, v, pv8=True, fold=False)
+    with pytest.raises(ValueError, match="consumers=4 must be 2 or 3 and block_n=64 64 or 128"):
+        run_wgmma_attention(q, k, v, consumers=4)
+    with pytest.raises(ValueError, match="consumers=3 takes block_n=64 .* got block_n=128"):
+        run_wgmma_attention(q, k, v, consumers=3, block_n=128)
+    with pytest.raises(ValueError, match="consumers=3 takes .* pv8=True"):
+        run_wgmma_attention(q, k, v, consumers=3, pv8=True)
+    with pytest.raises(ValueError, match="pv8=True takes block_n=128, got 64"):
+        run_wgmma_attention(q, k, v, pv8=True, block_n=64)
 
 
 def test_quantize_qk_rejects_a_bad_key_block() -> None:
@@ -566,20 +574,38 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
             .transpose(1, 2)
         )
 
-    q, k, v = views(seq_q), views(seq_k), views(seq_k)  # one key tile, exactly one, partial
-    out, lse = wgmma_attention_lse(q, k, v)
-    ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
+    q, k, v = views(seq_q), views(seq_k), views(seq_k)  # key tiles: one, exactly one, partial
+    out, lse = wgmma_attention_lse(q, k, v)  # three consumers, 64-key tiles and K scales
+    refs = {n: int8_attention_reference(q, k, v, pv_fp8=False, k_block=n) for n in (64, 128)}
+    ref, ref_lse = refs[64]
     exact, exact_lse = reference_attention(q, k, v)
     assert out.shape == q.shape and out.stride() == (seq_q * 3 * 128, 128, 3 * 128, 1)
     assert float((lse - ref_lse).abs().max()) < 4e-3
     assert float((lse - exact_lse).abs().max()) < 5e-2
     assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
-    # the four arithmetics (fold, sum_mma; the default folds) stay close to the emulation
+    # the four arithmetics (fold, sum_mma; the default folds) stay close to the emulation;
+    # sum_mma takes two consumers and 128-key tiles
     for fold, sum_mma in itertools.product((True, False), (True, False)):
         base, base_lse = run_wgmma_attention(q, k, v, fold=fold, sum_mma=sum_mma)
-        assert float((base_lse - ref_lse).abs().max()) < 4e-3
-        assert relative_error(base, ref) < 5e-3
+        block_ref, block_ref_lse = refs[128 if sum_mma else 64]
+        assert float((base_lse - block_ref_lse).abs().max()) < 4e-3
+        assert relative_error(base, block_ref) < 5e-3
     # the schedule switches change the order of issue, not the arithmetic: bit for bit
+    for stages, overlap_qk, unroll, q_regs in (
+        (2, True, 1, True),
+        (3, False, 2, False),
+        (6, True, 1, False),
+        (2, False, 2, True),
+    ):
+        other, other_lse = run_wgmma_attention(
+            q, k, v, stages=stages, overlap_qk=overlap_qk, unroll=unroll, q_regs=q_regs
+        )
+        assert torch.equal(other, out) and torch.equal(other_lse, lse)
+    # two consumers and 128-key tiles, with the switches written for two
+    out, lse = run_wgmma_attention(q, k, v, consumers=2, block_n=128)
+    ref, ref_lse = refs[128]
+    assert float((lse - ref_lse).abs().max()) < 4e-3
+    assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
     for stages, pingpong, overlap_qk, unroll, p_smem, q_regs in (
         (2, True, True, 1, False, True), (2, False, False, 1, False, False),
         (4, True, False, 1, False, True), (2, True, True, 2, False, False),
@@ -588,14 +614,15 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
     ):  # fmt: skip
         other, other_lse = run_wgmma_attention(
             q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, unroll=unroll,
-            p_smem=p_smem, q_regs=q_regs,
+            p_smem=p_smem, q_regs=q_regs, consumers=2, block_n=128,
         )  # fmt: skip
         assert torch.equal(other, out) and torch.equal(other_lse, lse)
-    assert torch.equal(run_wgmma_attention(q, k, v)[0], out)
     # the default launch is bounded: these blocks skip the row maxima; on random inputs no
     # maximum moves past tile 0's by the lazy threshold, so the unbounded kernel agrees exactly
-    other, other_lse = run_wgmma_attention(q, k, v, bounded=False)
-    assert torch.equal(other, out) and torch.equal(other_lse, lse)
+    for consumers, block_n in ((3, 64), (2, 128)):
+        bounded = run_wgmma_attention(q, k, v, consumers=consumers, block_n=block_n)
+        other = run_wgmma_attention(q, k, v, bounded=False, consumers=consumers, block_n=block_n)
+        assert torch.equal(other[0], bounded[0]) and torch.equal(other[1], bounded[1])
 
 
 @needs_hopper_gluon
@@ -603,8 +630,8 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
     """Blocks whose scores could pass tile 0's maximum by more than the bound (here the queries
     of one block scaled up) take the kernel with row maxima, the others the one without; each
     block is computed once and both agree with the emulation."""
-    from smartdiff.attention.int8_triton import bound_flags, quantize_qk
-    from smartdiff.attention.int8_wgmma import CTA_ROWS, run_wgmma_attention
+    from smartdiff.attention.int8_triton import quantize_qk
+    from smartdiff.attention.int8_wgmma import _block_flags, run_wgmma_attention
 
     generator = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (
@@ -613,18 +640,23 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
     )
     q[:, 256:384, 1] *= 12  # block 2 of head 1: a gap of ~250 against a limit of ~113
     q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
-    flags = bound_flags(quantize_qk(q, k, k_block=128, k_rows=128), v, CTA_ROWS)
-    expect = torch.ones(2, 6, dtype=torch.int32, device="cuda")
-    expect[1, 2] = 0
-    assert torch.equal(flags, expect)
-    out, lse = run_wgmma_attention(q, k, v)
-    ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
-    assert float((lse - ref_lse).abs().max()) < 4e-3
-    assert relative_error(out, ref) < 5e-3
-    slow, slow_lse = run_wgmma_attention(q, k, v, bounded=False)
-    block = (slice(None), 1, slice(256, 384))  # ran the same kernel in both calls
-    assert torch.equal(out[block], slow[block]) and torch.equal(lse[block], slow_lse[block])
-    assert relative_error(out, slow) < 1e-3
+    # blocks of 192 rows (three consumers; the flags of three 64-row parts) and of 128 (two)
+    for block_n, rows, blocks, scaled in ((64, 192, 4, 1), (128, 128, 6, 2)):
+        consumers = rows // 64
+        flags = _block_flags(quantize_qk(q, k, k_block=block_n, k_rows=block_n), v, rows)
+        expect = torch.ones(2, blocks, dtype=torch.int32, device="cuda")
+        expect[1, scaled] = 0
+        assert torch.equal(flags, expect)
+        out, lse = run_wgmma_attention(q, k, v, consumers=consumers, block_n=block_n)
+        ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=block_n)
+        assert float((lse - ref_lse).abs().max()) < 4e-3
+        assert relative_error(out, ref) < 5e-3
+        slow, slow_lse = run_wgmma_attention(
+            q, k, v, bounded=False, consumers=consumers, block_n=block_n
+        )
+        block = (slice(None), 1, slice(scaled * rows, (scaled + 1) * rows))  # same kernel twice
+        assert torch.equal(out[block], slow[block]) and torch.equal(lse[block], slow_lse[block])
+        assert relative_error(out, slow) < 1e-3
 
 
 @needs_hopper_gluon
@@ -642,21 +674,28 @@ def test_gpu_wgmma_lazy_rescaling_follows_a_moving_and_jumping_maximum() -> None
     k = k * torch.linspace(0.2, 3.0, 4000, device="cuda").view(1, -1, 1, 1)
     k[:, 3500:3510] = 6 * q[:, :10].mean(dim=1, keepdim=True)
     q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
-    out, lse = run_wgmma_attention(q, k, v, bounded=False)  # every block with row maxima
-    ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=128)
     exact, exact_lse = reference_attention(q, k, v)
-    assert float((lse - ref_lse).abs().max()) < 4e-3
-    assert relative_error(out, ref) < 5e-3
-    assert relative_error(out, exact) <= 2 * BOUND  # the spread-out keys quantize coarsely
-    for stages, pingpong, unroll in ((2, True, 1), (4, False, 2)):
-        other, other_lse = run_wgmma_attention(
-            q, k, v, stages=stages, pingpong=pingpong, unroll=unroll, bounded=False
+    for block_n, consumers, switches in (
+        (64, 3, ((2, False, 1), (5, False, 2))),
+        (128, 2, ((2, True, 1), (4, False, 2))),
+    ):
+        out, lse = run_wgmma_attention(  # every block with row maxima
+            q, k, v, bounded=False, consumers=consumers, block_n=block_n
         )
-        assert torch.equal(other, out) and torch.equal(other_lse, lse)
-    # bounded (this input's blocks pass the bound: a gap of ~50 against a limit of ~108)
-    other, other_lse = run_wgmma_attention(q, k, v)
-    assert float((other_lse - ref_lse).abs().max()) < 4e-3
-    assert relative_error(other, ref) < 5e-3
+        ref, ref_lse = int8_attention_reference(q, k, v, pv_fp8=False, k_block=block_n)
+        assert float((lse - ref_lse).abs().max()) < 4e-3
+        assert relative_error(out, ref) < 5e-3
+        assert relative_error(out, exact) <= 2 * BOUND  # the spread-out keys quantize coarsely
+        for stages, pingpong, unroll in switches:
+            other, other_lse = run_wgmma_attention(
+                q, k, v, stages=stages, pingpong=pingpong, unroll=unroll, bounded=False,
+                consumers=consumers, block_n=block_n,
+            )  # fmt: skip
+            assert torch.equal(other, out) and torch.equal(other_lse, lse)
+        # bounded (this input's blocks pass the bound: a gap of ~50 against a limit of ~108)
+        other, other_lse = run_wgmma_attention(q, k, v, consumers=consumers, block_n=block_n)
+        assert float((other_lse - ref_lse).abs().max()) < 4e-3
+        assert relative_error(other, ref) < 5e-3
 
 
 @needs_hopper_gluon

@@ -161,6 +161,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from smartdiff.attention.int8_triton import (
+    QuantizedQK,
     bound_flags,
     channels_last,
     quantize_qk,
@@ -170,15 +171,21 @@ from smartdiff.attention.quantization import check_qkv
 
 OP_NAME: Final = "smartdiff::int8_wgmma_attention"
 HEAD_DIM: Final = 128
-BLOCK_N: Final = 128  # keys per tile (and per K scale)
+BLOCK_N: Final = 64  # keys per tile (and per K scale), BF16 PV
+CONSUMERS: Final = 3  # consumer warpgroups per CTA, BF16 PV
+PV8_BLOCK_N: Final = 128  # INT8 PV: 128-key tiles, two consumers
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
-CTA_ROWS: Final = 2 * WG_ROWS.value
-STAGES: Final = 3  # shared-memory ring depth (K 16 KiB + V 32 KiB per stage)
+CTA_ROWS: Final = CONSUMERS * WG_ROWS.value
+# shared-memory ring depth by consumers (K + V: 24 KiB a stage at 64 keys, 48 KiB at 128)
+STAGES: Final = {3: 4, 2: 3}
 UNROLL: Final = 2  # key tiles per loop iteration (BF16 PV)
-LAUNCH_REGISTERS: Final = 168  # 12 warps x 32 x 168 <= 64 Ki: one CTA per SM
-CONSUMER_REGISTERS = gl.constexpr(240)  # 24 (producer) + 2 x 240 = 3 x 168
+# registers per thread: at launch (one CTA per SM: 4 (consumers + 1) warps x 32 x this <= 64
+# Ki) and after setmaxnreg in each consumer (the producer keeps 24)
+LAUNCH_REGISTERS: Final = {2: 168, 3: 128}
+CONSUMER_REGISTERS: Final = {2: 240, 3: 160}  # 24 + 2 x 240 = 3 x 168; 24 + 3 x 160 <= 4 x 128
 WG0 = gl.constexpr(0)
 WG1 = gl.constexpr(1)
+WG2 = gl.constexpr(2)
 # the bits of 1.5 * 2**23: added to an int32 |s| < 2**22 they make the float s + 1.5 * 2**23
 INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)
 INT_TO_FLOAT_OFFSET = gl.constexpr(-12582912.0)  # -1.5 * 2**23
@@ -691,12 +698,13 @@ def _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
               v_full, v_empty, b, h, off_m, n_tiles,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV8: gl.constexpr):  # fmt: skip
-    """Q once (both consumers' rows), then K tile t and V tile t - 1 at step t, in the order
-    the consumers use them, each into its ring stage once both consumers released it."""
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    _tma_load(q_desc, [b, h, off_m, 0], q_bar, q_smem.index(0))
-    _tma_load(q_desc, [b, h, off_m + WG_ROWS, 0], q_bar, q_smem.index(1))
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV8: gl.constexpr,
+              CONSUMERS: gl.constexpr):  # fmt: skip
+    """Q once (every consumer's rows), then K tile t and V tile t - 1 at step t, in the order
+    the consumers use them, each into its ring stage once every consumer released it."""
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for wg in gl.static_range(CONSUMERS):
+        _tma_load(q_desc, [b, h, off_m + wg * WG_ROWS, 0], q_bar, q_smem.index(wg))
     for t in range(n_tiles + 1):
         if t < n_tiles:
             stage = t % STAGES
@@ -725,16 +733,18 @@ def wgmma_attention_kernel(
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
     SUM_MMA: gl.constexpr, UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
-    RUN: gl.constexpr,
+    RUN: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """128 query rows of one (batch, head): shared memory, barriers, three partitions. ``RUN``
+    """``CONSUMERS`` x 64 query rows of one (batch, head): shared memory, barriers, a producer
+    and the consumers (``CONSUMER_REGS`` registers per thread each). ``RUN``
     0: every block; 1: the blocks whose flag (:func:`.int8_triton.bound_flags`) is 1, without
     row maxima; 2: those whose flag is 0 (the others do tile 0 only and store nothing)."""
     bh = gl.program_id(1)
     b = bh // heads
     h = bh % heads
-    off_m = gl.program_id(0) * (2 * WG_ROWS)
-    q_smem = gl.allocate_shared_memory(gl.int8, [2, 1, 1, WG_ROWS, HEAD_DIM], q_desc.layout)
+    off_m = gl.program_id(0) * (CONSUMERS * WG_ROWS)
+    q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, 1, 1, WG_ROWS, HEAD_DIM],
+                                       q_desc.layout)  # fmt: skip
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     if PV8:
         v_smem = gl.allocate_shared_memory(
@@ -769,8 +779,8 @@ def wgmma_attention_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_full.index(i), count=1)
         mbarrier.init(v_full.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrival per consumer
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
@@ -789,18 +799,36 @@ def wgmma_attention_kernel(
         qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k,
         n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os, run,
     )  # fmt: skip
-    gl.warp_specialize(
-        [
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES, PV8)),
-            (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
-            (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                         FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
-        ],
-        [4, 4],
-        [CONSUMER_REGISTERS, CONSUMER_REGISTERS],
-    )  # fmt: skip
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full,
+                             k_empty, v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES,
+                             PV8, CONSUMERS)),
+                (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                (_consumer, (consumer_args, WG2, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+            ],
+            [4, 4, 4],
+            [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full,
+                             k_empty, v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES,
+                             PV8, CONSUMERS)),
+                (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+            ],
+            [4, 4],
+            [CONSUMER_REGS, CONSUMER_REGS],
+        )  # fmt: skip
 
 
 def _descriptor(
@@ -828,12 +856,24 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"sd-int8-wgmma needs tokens, got Sq={q.shape[2]}, Sk={k.shape[2]}")
 
 
+def _block_flags(qk: QuantizedQK, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`bound_flags` for blocks of ``rows`` queries, a multiple of 64 (192 with three
+    consumers): the flags of its 64-row parts, a block flagged when all its parts are (the
+    Triton kernel takes power-of-two blocks)."""
+    parts = rows // WG_ROWS.value
+    if parts & (parts - 1) == 0:
+        return bound_flags(qk, v, rows)
+    flags = bound_flags(qk, v, WG_ROWS.value)
+    flags = torch.nn.functional.pad(flags, (0, (-flags.shape[1]) % parts), value=1)
+    return flags.view(flags.shape[0], -1, parts).amin(-1).contiguous()
+
+
 def run_wgmma_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    stages: int = STAGES,
+    stages: int | None = None,
     pingpong: bool = False,
     overlap_qk: bool = True,
     fold: bool = True,
@@ -843,16 +883,41 @@ def run_wgmma_attention(
     p_smem: bool = False,
     q_regs: bool = True,
     bounded: bool = True,
+    consumers: int | None = None,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``; ``unroll``
     defaults to 2 (1 with ``pv8``, which has no unrolled loop); ``p_smem`` (BF16 PV only)
     needs ``stages <= 3`` (shared memory); ``q_regs`` (BF16 PV only: with INT8 PV ptxas spills
     244 instead of 40 bytes) keeps the query tile in registers; ``bounded`` (BF16 PV, folded,
     without ``sum_mma``) runs the query blocks whose scores are bounded (:func:`bound_flags`)
-    without row maxima, the others as before (two launches)."""
+    without row maxima, the others as before (two launches). ``consumers`` (warpgroups of 64
+    query rows per CTA) and ``block_n`` (keys per tile and K scale) default to 3 and 64 with
+    BF16 PV, to 2 and 128 with any of ``pv8``, ``p_smem``, ``pingpong``, ``sum_mma`` (written
+    for two consumers; three take 64-key tiles, at 128 they spill); ``stages`` to 4 with three
+    consumers, 3 with two."""
     _check_inputs(q, k, v)
+    two_only = pv8 or p_smem or pingpong or sum_mma
+    if consumers is None:
+        consumers = 2 if two_only else CONSUMERS
+    if block_n is None:
+        block_n = PV8_BLOCK_N if two_only else BLOCK_N
+    if stages is None:
+        stages = STAGES.get(consumers, 3)
     if stages < 2:
         raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
+    if consumers not in (2, 3) or block_n not in (64, 128):
+        raise ValueError(
+            f"sd-int8-wgmma: consumers={consumers} must be 2 or 3 and block_n={block_n} 64 or 128"
+        )
+    if consumers == 3 and (block_n != 64 or pv8 or p_smem or pingpong or sum_mma):
+        raise ValueError(
+            f"sd-int8-wgmma: consumers=3 takes block_n=64 and none of pv8, p_smem, pingpong, "
+            f"sum_mma, got block_n={block_n}, pv8={pv8}, p_smem={p_smem}, pingpong={pingpong}, "
+            f"sum_mma={sum_mma}"
+        )
+    if pv8 and block_n != PV8_BLOCK_N:
+        raise ValueError(f"sd-int8-wgmma: pv8=True takes block_n={PV8_BLOCK_N}, got {block_n}")
     if unroll is None:
         unroll = 1 if pv8 else UNROLL
     if unroll not in (1, 2) or (pv8 and unroll != 1):
@@ -869,28 +934,29 @@ def run_wgmma_attention(
     q, k, v = channels_last(q), channels_last(k), channels_last(v)
     batch, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    qk = quantize_qk(q, k, k_block=BLOCK_N, k_rows=BLOCK_N)
+    qk = quantize_qk(q, k, k_block=block_n, k_rows=block_n)
     if pv8:
         v8, v_scale, v_mean, sums = quantize_v(v, int8=True)
-        v_desc = _descriptor(v8, dim, gl.int8, cols=BLOCK_N)
+        v_desc = _descriptor(v8, dim, gl.int8, cols=block_n)
     else:
-        v_desc = _descriptor(v, BLOCK_N, gl.bfloat16)
+        v_desc = _descriptor(v, block_n, gl.bfloat16)
         v_scale = v_mean = qk.shift  # unused
         sums = qk.q_scale  # unused
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     bounded = bounded and fold and not (pv8 or sum_mma)
-    flags = bound_flags(qk, v, CTA_ROWS) if bounded else qk.q_scale  # (else unused)
+    cta_rows = consumers * WG_ROWS.value
+    flags = _block_flags(qk, v, cta_rows) if bounded else qk.q_scale  # (else unused)
     args = (
         _descriptor(qk.q, WG_ROWS.value, gl.int8),
-        _descriptor(qk.k, BLOCK_N, gl.int8),
+        _descriptor(qk.k, block_n, gl.int8),
         v_desc, qk.q_scale, qk.k_scale, qk.shift, v_scale, v_mean, sums, out, lse, flags,
         seq_q, seq_k, heads, out.stride(0), out.stride(2), out.stride(1),
     )  # fmt: skip
     for run in (1, 2) if bounded else (0,):  # the blocks the bound lets go without maxima
-        wgmma_attention_kernel[(triton.cdiv(seq_q, CTA_ROWS), batch * heads)](
+        wgmma_attention_kernel[(triton.cdiv(seq_q, cta_rows), batch * heads)](
             *args,
-            BLOCK_N=BLOCK_N,
+            BLOCK_N=block_n,
             HEAD_DIM=dim,
             STAGES=stages,
             PINGPONG=pingpong,
@@ -902,8 +968,10 @@ def run_wgmma_attention(
             P_SMEM=p_smem,
             Q_REGS=q_regs and not pv8,
             RUN=run,
+            CONSUMERS=consumers,
+            CONSUMER_REGS=CONSUMER_REGISTERS[consumers],
             num_warps=4,
-            maxnreg=LAUNCH_REGISTERS,
+            maxnreg=LAUNCH_REGISTERS[consumers],
         )
     return out.transpose(1, 2), lse
 
