@@ -1,22 +1,36 @@
 """Our INT8 attention for Hopper with explicitly scheduled wgmma (Gluon): ``sd-int8-wgmma``.
 
-The math is that of :mod:`smartdiff.attention.quantization` with one fp32 scale per 128 keys
-(``k_block=128``; K smoothed by its mean first, so the tokens of a tile have like norms) and
+The math is that of :mod:`smartdiff.attention.quantization` with one fp32 scale per key tile
+(64 keys, ``k_block=64``; K smoothed by its mean first, so the tokens of a tile have like norms) and
 per-token Q scales: INT8 QK^T in int32, online softmax in base 2, BF16 PV. The preprocessing is
 the shipped kernel's own (:func:`.int8_triton.quantize_qk`). What differs from ``sd-int8`` (plain
 Triton, which waits for every wgmma right after issuing it) is the schedule, written out in
 Gluon the way FlashAttention-3 lays it out:
 
-- one CTA per 128 query rows of one (batch, head), one per SM (``maxnreg`` 168 at launch);
+- one CTA per 192 query rows of one (batch, head), one per SM (``maxnreg`` 128 at launch);
 - a producer warpgroup (the default partition, 24 registers after ``setmaxnreg``) brings Q
-  once and then K and V tiles of 128 keys in by TMA, into ``STAGES``-deep (3) shared-memory
-  rings with a "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
-- two consumer warpgroups (240 registers each), 64 query rows apiece: for tile n each issues
+  once and then K and V tiles of 64 keys in by TMA, into 4-deep shared-memory rings with a
+  "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
+- three consumer warpgroups (160 registers each), 64 query rows apiece: for tile n each issues
   QK^T of tile n and PV of tile n - 1 back to back (P from registers), waits for the scores,
   runs the softmax, then waits for PV. The loop takes two key tiles per iteration
-  (``UNROLL``, 2), and the two warpgroups run free of each other (``PINGPONG`` off: a pair of
-  mbarriers that makes them take turns issuing, FlashAttention-3's ping-pong, measured slower
-  once the loop is unrolled).
+  (``UNROLL``, 2), and the warpgroups run free of each other.
+
+Three consumers on 64-key tiles are the default since 2026-11-29 (``consumers=3,
+block_n=64``): half the key tile halves the scores' and P's registers (32 + 16 per thread), so a
+third warpgroup fits in 160 registers with no spills in the loop, each K and V tile loaded
+once serves 192 query rows instead of 128 (a third less traffic from L2 per query), and three
+softmaxes interleave with the tensor cores' work. H200, cuDNN in the same run
+(``attention_wgmma_consumers3_h200.json``): 1.420x / 1.474x cuDNN at the 1.3B / 14B shapes
+against 1.373x / 1.423x for the former default (two consumers of 240 registers, 128-key tiles,
+3 stages: ``consumers=2, block_n=128``), error 1.15e-2 against 1.18e-2 (a K scale per 64 keys);
+``benchmarks/attention_timing.py`` (``attention_timing_consumers3_h200.json``): 1.445x /
+1.469x queued. One tile per iteration is slower (1.391x / 1.331x); 6 stages the same as 4
+(``attention_wgmma_consumers3_first_h200.json``); two consumers on 64-key tiles slower still
+(1.23x / 1.27x). Three consumers on 128-key tiles spill 1.3-10 KB (diagnostics section 1). The
+switches written for two consumers (``pingpong``: a pair of mbarriers that makes them take
+turns issuing, FlashAttention-3's ping-pong, measured slower once the loop is unrolled;
+``p_smem``, ``sum_mma``, ``pv8``) take the two-consumer, 128-key layout, which stays.
 
 The softmax takes each tile's row maximum on the int32 scores (exact; the key scale is one
 per tile) and meets key scale, query scale and maximum in one multiply-add per score
@@ -43,8 +57,9 @@ spills (244 against 40 bytes), so that path keeps Q in shared memory.
 The bounded launch (``run_wgmma_attention(bounded=True)``, the default for BF16 PV): a row's
 scores are at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8 values) and its reference,
 tile 0's maximum, is at least its score with key 0. Where that gap B (log2 units) is small
-enough for all 128 rows of a block that, with the reference fixed after tile 0, neither the row
-sums (at most ``N 2**B``) nor the accumulator (at most ``N 2**B max |v|``) can pass 2**126
+enough for all rows of a block (192; 128 with two consumers) that, with the reference fixed
+after tile 0, neither the row sums (at most ``N 2**B``) nor the accumulator (at most
+``N 2**B max |v|``) can pass 2**126
 (:func:`.int8_triton.bound_flags`; B up to ~108 at the Wan shapes with ``|v| <= 6``), the block
 needs no row maximum and no rescaling in any later tile (:func:`_softmax_bounded`: 30 integer
 maxima, 4 shuffles and the rescale vote fewer per step). Two small Triton kernels write one flag
