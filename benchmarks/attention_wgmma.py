@@ -12,8 +12,11 @@ combinations next to cuDNN SDPA and the plain-Triton ``sd-int8`` on the same inp
 against an fp32 reference on a sample of query rows, and checks that the schedule switches
 change nothing in the output (``fold``, ``sum_mma``, ``pv8`` and ``bounded`` change the
 arithmetic; ``bounded`` only where a row maximum moves past the lazy threshold after tile 0).
-The backend ships ``stages=3``, ``unroll=2``, ``overlap_qk``, ``fold``, ``q_regs`` and
-``bounded`` on, ``pingpong`` and the experimental three off.
+The layout is a switch too: ``consumers`` (warpgroups of 64 query rows per CTA) and
+``block_n`` (keys per tile and K scale). The backend ships three consumers on 64-key tiles,
+``stages=4``, ``unroll=2``, ``overlap_qk``, ``fold``, ``q_regs`` and ``bounded`` on; the
+switches written for two consumers (``pingpong``, ``sum_mma``, ``p_smem``, ``pv8``) run on the
+two-consumer, 128-key layout, the default until 2026-11-29.
 
 History: the first Gluon prototype (one consumer warpgroup of 64 rows, 64-key tiles, per-key
 scales) reached 412-504 TFLOP/s (``attention_wgmma_single_partition_h200.json``,
@@ -48,8 +51,14 @@ from attention import SHAPES, environment, make_inputs, reference_rows, timed  #
 from smartdiff.attention.int8_triton import int8_attention_lse  # noqa: E402
 from smartdiff.attention.int8_wgmma import run_wgmma_attention  # noqa: E402
 
-SWITCHES = [
+THREE: list[dict[str, Any]] = [  # three consumers on 64-key tiles: the default, then variants
+    {"consumers": 3, "block_n": 64, "stages": stages, "unroll": unroll, "bounded": bounded}
+    for stages, unroll, bounded in ((4, 2, True), (4, 2, False), (6, 2, True), (4, 1, True))
+]
+SWITCHES: list[dict[str, Any]] = [
     {
+        "consumers": 2,
+        "block_n": 128,
         "stages": stages,
         "pingpong": pingpong,
         "overlap_qk": overlap,
@@ -62,8 +71,8 @@ SWITCHES = [
         "bounded": True,
     }
     for fold, sum_mma, pv8, stages, pingpong, overlap, unroll, p_smem, q_regs in (
-        (True, False, False, 3, False, True, 2, False, True),  # the default (bounded)
-        (True, False, False, 3, False, True, 2, False, False),  # the default until 2026-11-29
+        (True, False, False, 3, False, True, 2, False, True),  # the default until 2026-11-29
+        (True, False, False, 3, False, True, 2, False, False),  # before q_regs (2026-11-29)
         (True, False, False, 2, True, True, 1, True, True),
         (True, False, False, 2, False, True, 1, True, True),
         (True, False, False, 3, False, True, 1, True, True),
@@ -81,6 +90,7 @@ SWITCHES = [
     )
 ]
 SWITCHES.insert(1, {**SWITCHES[0], "bounded": False})  # the default until session 9, 2026-11-29
+SWITCHES[:0] = THREE
 
 
 def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,20 +128,25 @@ def measure(shape: str, kind: str, args: argparse.Namespace) -> dict[str, Any]:
     entry["sd-int8"] = {**figures(shipped), "rel_error": error(int8_attention_lse(q, k, v)[0])}
     print(f"{shape}/{kind}: cuDNN {flops / base / 1e12:.0f} TFLOP/s, sd-int8 "
           f"{flops / shipped / 1e12:.0f}", flush=True)  # fmt: skip
-    firsts: dict[tuple[bool, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    firsts: dict[tuple[int | bool, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     entry["sd-int8-wgmma"] = []
     for switches in SWITCHES:
-        if args.pv8_only and not switches["pv8"]:
+        if args.pv8_only and not switches.get("pv8"):
             continue
-        if args.schedules_only and (switches["pv8"] or switches["sum_mma"] or not switches["fold"]):
+        if args.schedules_only and (
+            switches.get("pv8") or switches.get("sum_mma") or not switches.get("fold", True)
+        ):
             continue
         out, lse = run_wgmma_attention(q, k, v, **switches)
+        fold, sum_mma, pv8 = (
+            bool(switches.get(n, n == "fold")) for n in ("fold", "sum_mma", "pv8")
+        )
         arithmetic = (
-            bool(switches["fold"]),
-            bool(switches["sum_mma"]),
-            bool(switches["pv8"]),
-            bool(switches["bounded"] and switches["fold"])
-            and not (switches["pv8"] or switches["sum_mma"]),
+            switches["block_n"],
+            fold,
+            sum_mma,
+            pv8,
+            bool(switches["bounded"]) and fold and not (pv8 or sum_mma),
         )
         first, first_lse = firsts.setdefault(arithmetic, (out, lse))
         seconds = median(lambda s=switches: run_wgmma_attention(q, k, v, **s))
