@@ -64,8 +64,8 @@ after tile 0, neither the row sums (at most ``N 2**B``) nor the accumulator (at 
 needs no row maximum and no rescaling in any later tile (:func:`_softmax_bounded`: 30 integer
 maxima, 4 shuffles and the rescale vote fewer per step). Two small Triton kernels write one flag
 per block; the kernel is then launched twice, compiled with ``RUN`` 1 (the flagged blocks,
-without maxima) and 2 (the others, as before); a block that is not its launch's does tile 0 and
-stores nothing. Deciding inside the kernel instead (a branch per tile, or one per warpgroup
+without maxima) and 2 (the others, as before); a block that is not its launch's returns at
+once. Deciding inside the kernel instead (a branch per tile, or one per warpgroup
 between two copies of the loop) cost more in scheduling than the maxima
 (``attention_wgmma_diagnostics_h200.txt`` section 19). Random inputs at the Wan shapes are all
 flagged: 1.393x / 1.433x cuDNN against 1.349x / 1.371x unbounded in the same run, the same
@@ -753,8 +753,12 @@ def wgmma_attention_kernel(
     """``CONSUMERS`` x 64 query rows of one (batch, head): shared memory, barriers, a producer
     and the consumers (``CONSUMER_REGS`` registers per thread each). ``RUN``
     0: every block; 1: the blocks whose flag (:func:`.int8_triton.bound_flags`) is 1, without
-    row maxima; 2: those whose flag is 0 (the others do tile 0 only and store nothing)."""
+    row maxima; 2: those whose flag is 0 (the others return at once)."""
     bh = gl.program_id(1)
+    if RUN != 0:  # a block that is not this launch's: nothing to do
+        flag = gl.load(flags_ptr + bh * gl.num_programs(0) + gl.program_id(0))
+        if flag != 2 - RUN:
+            return
     b = bh // heads
     h = bh % heads
     off_m = gl.program_id(0) * (CONSUMERS * WG_ROWS)
@@ -799,15 +803,7 @@ def wgmma_attention_kernel(
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
-    if RUN == 0:
-        run = n_tiles * 0 + 1
-    else:
-        flag = gl.load(flags_ptr + bh * gl.num_programs(0) + gl.program_id(0))
-        if RUN == 1:  # noqa: SIM108 (a compile-time branch; keep it a statement)
-            run = flag
-        else:
-            run = 1 - flag
-        n_tiles = 1 + (n_tiles - 1) * run
+    run = n_tiles * 0 + 1  # (every block that gets here stores its output)
     # what both consumers take: one tuple of values, then the constexprs (with the warpgroup)
     consumer_args = (
         q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
