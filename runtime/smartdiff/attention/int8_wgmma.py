@@ -25,8 +25,12 @@ softmaxes interleave with the tensor cores' work. H200, cuDNN in the same run
 against 1.373x / 1.423x for the former default (two consumers of 240 registers, 128-key tiles,
 3 stages: ``consumers=2, block_n=128``), error 1.15e-2 against 1.18e-2 (a K scale per 64 keys);
 ``benchmarks/attention_timing.py`` (``attention_timing_consumers3_h200.json``): 1.445x /
-1.469x queued. One tile per iteration is slower (1.391x / 1.331x); 6 stages the same as 4
-(``attention_wgmma_consumers3_first_h200.json``); two consumers on 64-key tiles slower still
+1.469x queued; with the bounded launch's foreign blocks returning at once (below), 1.488x /
+1.475x (``attention_wgmma_early_return_h200.json``) and 1.493x / 1.473x queued
+(``attention_timing_early_return_h200.json``). One tile per iteration is slower (1.391x /
+1.331x), four much slower (1.24x); 3, 4 and 6 stages alike
+(``attention_wgmma_consumers3_first_h200.json``, ``attention_wgmma_stages_h200.json``); two
+consumers on 64-key tiles slower still
 (1.23x / 1.27x). Three consumers on 128-key tiles spill 1.3-10 KB (diagnostics section 1). The
 switches written for two consumers (``pingpong``: a pair of mbarriers that makes them take
 turns issuing, FlashAttention-3's ping-pong, measured slower once the loop is unrolled;
