@@ -814,6 +814,8 @@ def wgmma_attention_kernel(
         qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k,
         n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os, run,
     )  # fmt: skip
+    # one call per consumer count, spelled out: Gluon cannot hold a (function, arguments) pair
+    # in a variable ("cannot convert JITFunction ... to tensor"), so the lists cannot be shared
     if CONSUMERS == 3:
         gl.warp_specialize(
             [
