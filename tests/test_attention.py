@@ -638,7 +638,7 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
         torch.randn(1, tokens, 2, 128, generator=generator, device="cuda")
         for tokens in (700, 1500, 1500)
     )
-    q[:, 256:384, 1] *= 12  # block 2 of head 1: a gap of ~250 against a limit of ~113
+    q[:, 256:384, 1] *= 12  # head 1, rows 256-383: a gap of ~250 against a limit of ~113
     q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
     # blocks of 192 rows (three consumers; the flags of three 64-row parts) and of 128 (two)
     for block_n, rows, blocks, scaled in ((64, 192, 4, 1), (128, 128, 6, 2)):
