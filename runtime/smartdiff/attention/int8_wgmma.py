@@ -496,7 +496,7 @@ def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
     (:func:`wgmma_attention_kernel`; a constexpr inside a tuple stops being one)."""
     (q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr,
      ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h,
-     bh, off_m, stride_ob, stride_oh, stride_os, run) = args  # fmt: skip
+     bh, off_m, stride_ob, stride_oh, stride_os) = args  # fmt: skip
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                    qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
@@ -505,7 +505,7 @@ def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
     else:
         _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
                     turn, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
-                    h, bh, off_m, stride_ob, stride_oh, stride_os, run,
+                    h, bh, off_m, stride_ob, stride_oh, stride_os,
                     WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
                     SUM_MMA, UNROLL, P_SMEM, Q_REGS, BOUNDED)  # fmt: skip
 
@@ -513,14 +513,14 @@ def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
 @gluon.jit
 def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                 qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
-                off_m, stride_ob, stride_oh, stride_os, run,
+                off_m, stride_ob, stride_oh, stride_os,
                 WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
                 FOLD: gl.constexpr, SUM_MMA: gl.constexpr,
                 UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
                 BOUNDED: gl.constexpr):  # fmt: skip
-    """BF16 PV: 64 query rows against every key tile, then the output (stored where ``run``
-    is not 0). ``BOUNDED``: every tile after the first without row maxima
+    """BF16 PV: 64 query rows against every key tile, then the output. ``BOUNDED``: every tile
+    after the first without row maxima
     (:func:`_softmax_bounded`; the caller checked the bound)."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -605,10 +605,10 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     rows = row0 + gl.arange(0, BLOCK_M, layout=row_o)
     cols = gl.arange(0, HEAD_DIM, layout=col_o)
     dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
-    gl.store(dst, out.to(gl.bfloat16), mask=((rows < seq_q) & (run != 0))[:, None])
+    gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
     shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
     lse2 = m_i + gl.log2(total) + shift
-    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok & (run != 0))
+    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok)
 
 
 @gluon.jit
@@ -807,12 +807,11 @@ def wgmma_attention_kernel(
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     n_tiles = gl.cdiv(seq_k, BLOCK_N)
-    run = n_tiles * 0 + 1  # (every block that gets here stores its output)
     # what both consumers take: one tuple of values, then the constexprs (with the warpgroup)
     consumer_args = (
         q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
         qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k,
-        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os, run,
+        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
     )  # fmt: skip
     # one call per consumer count, spelled out: Gluon cannot hold a (function, arguments) pair
     # in a variable ("cannot convert JITFunction ... to tensor"), so the lists cannot be shared
