@@ -434,14 +434,17 @@ _INTERPRETED_CHECK = textwrap.dedent("""
     qf, kf = qk.q.float(), qk.k.float()
     top = qf.norm(dim=-1) * qk.q_scale * (kf.norm(dim=-1) * qk.k_scale).amax(-1, keepdim=True)
     first = (qf @ kf[:, :, 0, :, None]).squeeze(-1) * qk.q_scale * qk.k_scale[:, :, :1]
-    worst = torch.nn.functional.pad(top - first, (0, 84), value=float("-inf"))
-    worst = worst.unflatten(-1, (3, 128)).amax(-1)
     flags, expect = [], []
     for v_scale in (1.0, 1e30):
         vb = (v.float() * torch.tensor([v_scale, 1.0]).view(1, 2, 1, 1)).bfloat16()
-        flags.append(bound_flags(qk, vb, 128).tolist())
         limit = BOUND_LOG2 - math.log2(200) - vb.float().abs().amax((2, 3)).clamp_min(1).log2()
-        expect.append((worst <= limit[..., None]).int().flatten(0, 1).tolist())
+        for rows in (128, 192):  # 192: three parts of 64 (three consumers)
+            blocks = -(-300 // rows)
+            worst = torch.nn.functional.pad(top - first, (0, blocks * rows - 300),
+                                            value=float("-inf"))  # fmt: skip
+            worst = worst.unflatten(-1, (blocks, rows)).amax(-1)
+            flags.append(bound_flags(qk, vb, rows).tolist())
+            expect.append((worst <= limit[..., None]).int().flatten(0, 1).tolist())
     scores = (qf @ kf.transpose(-1, -2)) * qk.q_scale[..., None] * qk.k_scale[:, :, None, :]
     result["bound"] = [flags, expect, float((scores.amax(-1) - top).max())]  # C-S: <= 0
     print(json.dumps(result))
@@ -480,7 +483,11 @@ def test_triton_kernels_match_their_emulation_in_the_interpreter() -> None:
     shape, error, padding_zero, sums_right = result["v8"]
     assert shape == [1, 2, 64, 256] and error <= 0.5 + 1e-3 and padding_zero and sums_right
     flags, expect, excess = result["bound"]
-    assert flags == expect == [[[1, 1, 1], [1, 0, 1]], [[0, 0, 0], [1, 0, 1]]]
+    assert (
+        flags
+        == expect
+        == [[[1, 1, 1], [1, 0, 1]], [[1, 1], [0, 0]], [[0, 0, 0], [1, 0, 1]], [[0, 0], [0, 0]]]
+    )
     assert excess <= 1e-3
 
 
@@ -630,8 +637,8 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
     """Blocks whose scores could pass tile 0's maximum by more than the bound (here the queries
     of one block scaled up) take the kernel with row maxima, the others the one without; each
     block is computed once and both agree with the emulation."""
-    from smartdiff.attention.int8_triton import quantize_qk
-    from smartdiff.attention.int8_wgmma import _block_flags, run_wgmma_attention
+    from smartdiff.attention.int8_triton import bound_flags, quantize_qk
+    from smartdiff.attention.int8_wgmma import run_wgmma_attention
 
     generator = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (
@@ -640,10 +647,10 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
     )
     q[:, 256:384, 1] *= 12  # head 1, rows 256-383: a gap of ~250 against a limit of ~113
     q, k, v = (x.bfloat16().transpose(1, 2) for x in (q, k, v))
-    # blocks of 192 rows (three consumers; the flags of three 64-row parts) and of 128 (two)
+    # blocks of 192 rows (three consumers, read as three 64-row parts) and of 128 (two)
     for block_n, rows, blocks, scaled in ((64, 192, 4, 1), (128, 128, 6, 2)):
         consumers = rows // 64
-        flags = _block_flags(quantize_qk(q, k, k_block=block_n, k_rows=block_n), v, rows)
+        flags = bound_flags(quantize_qk(q, k, k_block=block_n, k_rows=block_n), v, rows)
         expect = torch.ones(2, blocks, dtype=torch.int32, device="cuda")
         expect[1, scaled] = 0
         assert torch.equal(flags, expect)

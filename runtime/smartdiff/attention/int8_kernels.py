@@ -161,12 +161,12 @@ def quantize_v_kernel(
 
 
 @triton.jit
-def _int8_rows(x_ptr, scale_ptr, seq, ROWS: tl.constexpr, D: tl.constexpr):
-    """Rows ``t * ROWS ...`` of one (batch, head) of an int8 ``[B * H, seq, D]`` tensor and its
-    per-token scales (program ids: t, bh), as fp32 ``(values, scales, row indices, in range)``;
-    rows past ``seq`` read as zeros with scale 0."""
+def _int8_rows(x_ptr, scale_ptr, seq, start, ROWS: tl.constexpr, D: tl.constexpr):
+    """Rows ``start ... start + ROWS - 1`` of one (batch, head; program id 1) of an int8
+    ``[B * H, seq, D]`` tensor and its per-token scales, as fp32 ``(values, scales, row indices,
+    in range)``; rows past ``seq`` read as zeros with scale 0."""
     bh = tl.program_id(1)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = start + tl.arange(0, ROWS)
     ok = rows < seq
     x = tl.load(x_ptr + (bh * seq + rows)[:, None] * D + tl.arange(0, D)[None, :],
                 mask=ok[:, None], other=0).to(tl.float32)  # fmt: skip
@@ -179,7 +179,7 @@ def key_norm_kernel(k_ptr, ks_ptr, v_ptr, out_ptr, seq_k, heads, stride_vb, stri
     """``out[bh] = (max |k_j|, max |v_jd|)`` over the keys of one (batch, head), K dequantized
     from int8, V as given (bf16/fp16, channels contiguous); atomic maxima into zeros."""
     bh = tl.program_id(1)
-    x, k_scale, rows, ok = _int8_rows(k_ptr, ks_ptr, seq_k, ROWS, D)
+    x, k_scale, rows, ok = _int8_rows(k_ptr, ks_ptr, seq_k, tl.program_id(0) * ROWS, ROWS, D)
     tl.atomic_max(out_ptr + 2 * bh, tl.max(tl.sqrt(tl.sum(x * x, axis=1)) * k_scale, axis=0))
     v_base = v_ptr + (bh // heads) * stride_vb + (bh % heads) * stride_vh
     v = tl.load(v_base + rows[:, None] * stride_vs + tl.arange(0, D)[None, :], mask=ok[:, None],
@@ -189,16 +189,21 @@ def key_norm_kernel(k_ptr, ks_ptr, v_ptr, out_ptr, seq_k, heads, stride_vb, stri
 
 @triton.jit
 def bound_flags_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, kv_max_ptr, out_ptr, seq_q, seq_k, limit,
-                       ROWS: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """One flag per block of ``ROWS`` queries: 1 when for every row ``|q_i| max_j |k_j| -
-    q_i . k_0`` (log2 units, the int8 values dequantized) is at most ``limit - log2(max(max
-    |v|, 1))``."""
+                       PART: tl.constexpr, PARTS: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """One flag per block of ``PARTS x PART`` queries (``PART`` a power of two, so 192 = 3 x
+    64 can be a block): 1 when for every row ``|q_i| max_j |k_j| - q_i . k_0`` (log2 units, the
+    int8 values dequantized) is at most ``limit - log2(max(max |v|, 1))``."""
     bh = tl.program_id(1)
-    x, q_scale, rows, ok = _int8_rows(q_ptr, qs_ptr, seq_q, ROWS, D)
     k0 = tl.load(k_ptr + bh * seq_k * D + tl.arange(0, D)).to(tl.float32)
-    first = tl.sum(x * k0[None, :], axis=1) * q_scale * tl.load(ks_ptr + bh * seq_k)
-    top = tl.sqrt(tl.sum(x * x, axis=1)) * q_scale * tl.load(kv_max_ptr + 2 * bh)
-    worst = tl.max(tl.where(ok, top - first, float("-inf")), axis=0)
+    k0_scale = tl.load(ks_ptr + bh * seq_k)
+    k_max = tl.load(kv_max_ptr + 2 * bh)
+    worst = float("-inf")
+    for part in tl.static_range(PARTS):
+        start = (tl.program_id(0) * PARTS + part) * PART
+        x, q_scale, rows, ok = _int8_rows(q_ptr, qs_ptr, seq_q, start, PART, D)
+        first = tl.sum(x * k0[None, :], axis=1) * q_scale * k0_scale
+        top = tl.sqrt(tl.sum(x * x, axis=1)) * q_scale * k_max
+        worst = tl.maximum(worst, tl.max(tl.where(ok, top - first, float("-inf")), axis=0))
     allowed = limit - tl.log2(tl.maximum(tl.load(kv_max_ptr + 2 * bh + 1), 1.0))
     tl.store(out_ptr + bh * tl.num_programs(0) + tl.program_id(0), (worst <= allowed).to(tl.int32))
 

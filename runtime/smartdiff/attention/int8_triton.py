@@ -272,7 +272,12 @@ def bound_flags(qk: QuantizedQK, v: torch.Tensor, rows: int) -> torch.Tensor:
     at most 2**B, the row's sum at most ``N 2**B`` and each output channel's accumulator at most
     ``N 2**B max |v|`` (N keys): a block is flagged when ``B <= BOUND_LOG2 - log2 N - log2
     max(max |v|, 1)`` for all its rows, so that neither can pass 2**126 (fp32 overflows at
-    2**128). ``v [B, H, Sk, D]`` with its channels contiguous."""
+    2**128). ``v [B, H, Sk, D]`` with its channels contiguous; any ``rows`` (192 with three
+    consumers): the kernel reads a block as ``rows / part`` tiles of ``part``, the largest
+    power of two dividing ``rows``."""
+    if rows < 1:
+        raise ValueError(f"bound_flags: rows={rows} must be >= 1")
+    part = rows & -rows
     batch, heads, seq_q, dim = qk.q.shape
     seq_k = qk.k.shape[2]
     pairs = batch * heads
@@ -284,7 +289,7 @@ def bound_flags(qk: QuantizedQK, v: torch.Tensor, rows: int) -> torch.Tensor:
     flags = torch.empty((pairs, triton.cdiv(seq_q, rows)), dtype=torch.int32, device=qk.q.device)
     bound_flags_kernel[(flags.shape[1], pairs)](
         qk.q, qk.q_scale, qk.k, qk.k_scale, kv_max, flags, seq_q, seq_k,
-        BOUND_LOG2 - math.log2(seq_k), rows, dim,
+        BOUND_LOG2 - math.log2(seq_k), part, rows // part, dim,
     )  # fmt: skip
     return flags
 

@@ -180,7 +180,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from smartdiff.attention.int8_triton import (
-    QuantizedQK,
     bound_flags,
     channels_last,
     quantize_qk,
@@ -194,7 +193,6 @@ BLOCK_N: Final = 64  # keys per tile (and per K scale), BF16 PV
 CONSUMERS: Final = 3  # consumer warpgroups per CTA, BF16 PV
 PV8_BLOCK_N: Final = 128  # INT8 PV: 128-key tiles, two consumers
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
-CTA_ROWS: Final = CONSUMERS * WG_ROWS.value
 # shared-memory ring depth by consumers (K + V: 24 KiB a stage at 64 keys, 48 KiB at 128)
 STAGES: Final = {3: 4, 2: 3}
 UNROLL: Final = 2  # key tiles per loop iteration (BF16 PV)
@@ -872,18 +870,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"sd-int8-wgmma needs tokens, got Sq={q.shape[2]}, Sk={k.shape[2]}")
 
 
-def _block_flags(qk: QuantizedQK, v: torch.Tensor, rows: int) -> torch.Tensor:
-    """:func:`bound_flags` for blocks of ``rows`` queries, a multiple of 64 (192 with three
-    consumers): the flags of its 64-row parts, a block flagged when all its parts are (the
-    Triton kernel takes power-of-two blocks)."""
-    parts = rows // WG_ROWS.value
-    if parts & (parts - 1) == 0:
-        return bound_flags(qk, v, rows)
-    flags = bound_flags(qk, v, WG_ROWS.value)
-    flags = torch.nn.functional.pad(flags, (0, (-flags.shape[1]) % parts), value=1)
-    return flags.view(flags.shape[0], -1, parts).amin(-1).contiguous()
-
-
 def run_wgmma_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -918,14 +904,14 @@ def run_wgmma_attention(
         consumers = 2 if two_only else CONSUMERS
     if block_n is None:
         block_n = PV8_BLOCK_N if two_only else BLOCK_N
-    if stages is None:
-        stages = STAGES.get(consumers, 3)
-    if stages < 2:
-        raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
     if consumers not in (2, 3) or block_n not in (64, 128):
         raise ValueError(
             f"sd-int8-wgmma: consumers={consumers} must be 2 or 3 and block_n={block_n} 64 or 128"
         )
+    if stages is None:
+        stages = STAGES[consumers]
+    if stages < 2:
+        raise ValueError(f"sd-int8-wgmma: stages={stages} must be >= 2")
     if consumers == 3 and (block_n != 64 or pv8 or p_smem or pingpong or sum_mma):
         raise ValueError(
             f"sd-int8-wgmma: consumers=3 takes block_n=64 and none of pv8, p_smem, pingpong, "
@@ -962,7 +948,7 @@ def run_wgmma_attention(
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     bounded = bounded and fold and not (pv8 or sum_mma)
     cta_rows = consumers * WG_ROWS.value
-    flags = _block_flags(qk, v, cta_rows) if bounded else qk.q_scale  # (else unused)
+    flags = bound_flags(qk, v, cta_rows) if bounded else qk.q_scale  # (else unused)
     args = (
         _descriptor(qk.q, WG_ROWS.value, gl.int8),
         _descriptor(qk.k, block_n, gl.int8),
