@@ -62,24 +62,25 @@ The bounded launch (``run_wgmma_attention(bounded=True)``, the default for BF16 
 scores are at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8 values) and its reference,
 tile 0's maximum, is at least its score with key 0. Where that gap B (log2 units) is small
 enough for all rows of a block (192; 128 with two consumers) that, with the reference fixed
-after tile 0, neither the row sums (at most ``N 2**B``) nor the accumulator (at most
-``N 2**B max |v|``) can pass 2**126
-(:func:`.int8_triton.bound_flags`; B up to ~108 at the Wan shapes with ``|v| <= 6``), the block
-needs no row maximum and no rescaling in any later tile (:func:`_softmax_bounded`: 30 integer
-maxima, 4 shuffles and the rescale vote fewer per step). Two small Triton kernels write one flag
-per block; the kernel is then launched twice, compiled with ``RUN`` 1 (the flagged blocks,
-without maxima) and 2 (the others, as before); a block that is not its launch's returns at
-once. Deciding inside the kernel instead (a branch per tile, or one per warpgroup
-between two copies of the loop) cost more in scheduling than the maxima
-(``attention_wgmma_diagnostics_h200.txt`` section 19). Random inputs at the Wan shapes are all
-flagged: 1.393x / 1.433x cuDNN against 1.349x / 1.371x unbounded in the same run, the same
-output bit for bit (``attention_wgmma_bounded_h200.json``). With mixed flags the two launches'
-partly filled last waves cost more than the maxima: on the ``smooth`` inputs of
-``benchmarks/attention.py`` (54% flagged) the default was 1.8% slower than ``bounded=False``
-(``attention_wgmma_bounded_smooth_h200.json``). Those figures are with a fixed limit of 64 on B
-(blind to V: the accumulator could overflow for ``|v|`` beyond about 2**47); the limit above
-replaced it in the same session, unmeasured on the GPU: by a CPU estimate it flags every sampled
-block of the smooth inputs (diagnostics section 20) and leaves the random ones all flagged.
+after tile 0, neither the row sums (at most ``N 2**B``) nor the accumulator (at most ``N 2**B
+max |v|``) can pass 2**126 (:func:`.int8_triton.bound_flags`; B up to ~108 at the Wan shapes
+with ``|v| <= 6``), the block needs no row maximum and no rescaling in any later tile
+(:func:`_softmax_bounded`: 30 integer maxima, 4 shuffles and the rescale vote fewer per step).
+Two small Triton kernels write one flag per block; the kernel is then launched twice, compiled
+with ``RUN`` 1 (the flagged blocks, without maxima) and 2 (the others, as before); a block that
+is not its launch's returns at once. Deciding inside the kernel instead (a branch per tile, or
+one per warpgroup between two copies of the loop) cost more in scheduling than the maxima
+(``attention_wgmma_diagnostics_h200.txt`` section 19); one launch with each consumer branching
+on its block's flag measured the same at 1.3B and 1.2% slower at 14B (section 24). Random inputs
+at the Wan shapes are all flagged: 1.393x / 1.433x cuDNN against 1.349x / 1.371x unbounded in
+the same run, the same output bit for bit (``attention_wgmma_bounded_h200.json``). With mixed
+flags the two launches' partly filled last waves cost more than the maxima: on the ``smooth``
+inputs of ``benchmarks/attention.py`` (54% flagged) the default was 1.8% slower than
+``bounded=False`` (``attention_wgmma_bounded_smooth_h200.json``). Those figures are with a fixed
+limit of 64 on B (blind to V: the accumulator could overflow for ``|v|`` beyond about 2**47);
+the limit above replaced it in the same session, unmeasured on the GPU: by a CPU estimate it
+flags every sampled block of the smooth inputs (diagnostics section 20) and leaves the random
+ones all flagged.
 
 What bounds the kernel on the H200 measured here is power: every attention kernel and GEMM
 tried runs at the 700 W software power cap, the clock lowered to stay there (1680 MHz under
