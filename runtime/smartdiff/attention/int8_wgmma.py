@@ -16,25 +16,27 @@ Gluon the way FlashAttention-3 lays it out:
   runs the softmax, then waits for PV. The loop takes two key tiles per iteration
   (``UNROLL``, 2), and the warpgroups run free of each other.
 
-Three consumers on 64-key tiles are the default since 2026-11-29 (``consumers=3,
-block_n=64``): half the key tile halves the scores' and P's registers (32 + 16 per thread), so a
-third warpgroup fits in 160 registers with no spills in the loop, each K and V tile loaded
-once serves 192 query rows instead of 128 (a third less traffic from L2 per query), and three
-softmaxes interleave with the tensor cores' work. H200, cuDNN in the same run
+Three consumers on 64-key tiles are the default since 2026-11-29 (``consumers=3, block_n=64``):
+half the key tile halves the scores' and P's registers (32 + 16 per thread), so a third
+warpgroup fits in 160 registers with no spills in the loop, each K and V tile loaded once serves
+192 query rows instead of 128 (a third less traffic from L2 per query), and three softmaxes
+interleave with the tensor cores' work. H200, cuDNN in the same run
 (``attention_wgmma_consumers3_h200.json``): 1.420x / 1.474x cuDNN at the 1.3B / 14B shapes
-against 1.373x / 1.423x for the former default (two consumers of 240 registers, 128-key tiles,
-3 stages: ``consumers=2, block_n=128``), error 1.15e-2 against 1.18e-2 (a K scale per 64 keys);
-``benchmarks/attention_timing.py`` (``attention_timing_consumers3_h200.json``): 1.445x /
-1.469x queued; with the bounded launch's foreign blocks returning at once (below), 1.488x /
-1.475x (``attention_wgmma_early_return_h200.json``) and 1.493x / 1.473x queued
-(``attention_timing_early_return_h200.json``). One tile per iteration is slower (1.391x /
-1.331x), four much slower (1.24x); 3, 4 and 6 stages alike
+against 1.373x / 1.423x for the former default (two consumers of 240 registers, 128-key tiles, 3
+stages: ``consumers=2, block_n=128``), error 1.15e-2 against 1.18e-2 (a K scale per 64 keys);
+``benchmarks/attention_timing.py`` (``attention_timing_consumers3_h200.json``): 1.445x / 1.469x
+queued; with the bounded launch's foreign blocks returning at once (below), 1.488x / 1.475x
+(``attention_wgmma_early_return_h200.json``) and 1.493x / 1.473x queued
+(``attention_timing_early_return_h200.json``); with the row sums kept as each thread's share
+(:func:`_thread_row_sums`), 1.489x / 1.548x (``attention_wgmma_partials_h200.json``) and 1.478x
+/ 1.554x queued (``attention_timing_partials_h200.json``). One tile per iteration is slower
+(1.391x / 1.331x), four much slower (1.24x); 3, 4 and 6 stages alike
 (``attention_wgmma_consumers3_first_h200.json``, ``attention_wgmma_stages_h200.json``); two
-consumers on 64-key tiles slower still
-(1.23x / 1.27x). Three consumers on 128-key tiles spill 1.3-10 KB (diagnostics section 1). The
-switches written for two consumers (``pingpong``: a pair of mbarriers that makes them take
-turns issuing, FlashAttention-3's ping-pong, measured slower once the loop is unrolled;
-``p_smem``, ``sum_mma``, ``pv8``) take the two-consumer, 128-key layout, which stays.
+consumers on 64-key tiles slower still (1.23x / 1.27x). Three consumers on 128-key tiles spill
+1.3-10 KB (diagnostics section 1). The switches written for two consumers (``pingpong``: a pair
+of mbarriers that makes them take turns issuing, FlashAttention-3's ping-pong, measured slower
+once the loop is unrolled; ``p_smem``, ``sum_mma``, ``pv8``) take the two-consumer, 128-key
+layout, which stays.
 
 The softmax takes each tile's row maximum on the int32 scores (exact; the key scale is one
 per tile) and meets key scale, query scale and maximum in one multiply-add per score
@@ -310,7 +312,7 @@ def _thread_row_sums(p):
     """This thread's share of P's row sums, ``[rows, 4]``: column ``8 i + 2 t + c`` of a wgmma
     accumulator is held by the thread at position ``t`` of its quad, so a sum over ``i`` and
     ``c`` needs no shuffles; the four shares of a row are added once, after the last tile
-    (:func:`_row_total`). The shuffles of a full row sum in every tile cost 6% at the 14B
+    (:func:`_row_total`). The shuffles of a full row sum in every tile cost 4-6% at the 14B
     shape (diagnostics, section 24)."""
     parts = gl.reshape(p, [p.shape[0], p.shape[1] // 8, 4, 2])
     return gl.sum(gl.sum(parts, axis=3), axis=1)
