@@ -564,7 +564,9 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
         )
         l_i = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     else:
-        l_i = _thread_row_sums(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))  # zeros
+        # zeros in the shares' layout (that of a reduction of the scores' layout, which Gluon
+        # derives but does not let us spell): the reduction of a zero tile, once per block
+        l_i = _thread_row_sums(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
 
