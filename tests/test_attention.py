@@ -427,26 +427,46 @@ _INTERPRETED_CHECK = textwrap.dedent("""
     # sd-int8-wgmma's bounded launch: the flags of blocks of 128 queries against PyTorch, with
     # one block of head 1 scaled up past the bound (V a strided view); then head 0's V made so
     # large (1e30) that its accumulator could overflow: none of its blocks may go
-    from smartdiff.attention.int8_triton import BOUND_LOG2, bound_flags, quantize_qk
+    from smartdiff.attention.int8_triton import (BOUND_LOG2, bound_flags, quantize_keys,
+                                                 quantize_qk, quantize_query)
     qb = q.float().repeat(1, 1, 2, 1)[:, :, :300]  # 3 blocks of 128 queries, the last partial
     qb[:, 1, 128:256] *= 12
-    qk = quantize_qk(qb.bfloat16(), k, k_block=128, k_rows=128)
-    qf, kf = qk.q.float(), qk.k.float()
-    top = qf.norm(dim=-1) * qk.q_scale * (kf.norm(dim=-1) * qk.k_scale).amax(-1, keepdim=True)
-    first = (qf @ kf[:, :, 0, :, None]).squeeze(-1) * qk.q_scale * qk.k_scale[:, :, :1]
-    flags, expect = [], []
+    flags, expect, excess = [], [], []
     for v_scale in (1.0, 1e30):
         vb = (v.float() * torch.tensor([v_scale, 1.0]).view(1, 2, 1, 1)).bfloat16()
+        keys = quantize_keys(k, vb, 128)
+        q8, q_scale, shift = quantize_query(qb.bfloat16(), keys)
+        qf, kf = q8.float(), keys.values.float()
+        top = qf.norm(dim=-1) * q_scale * (kf.norm(dim=-1) * keys.scales).amax(-1, keepdim=True)
+        first = (qf @ kf[:, :, 0, :, None]).squeeze(-1) * q_scale * keys.scales[:, :, :1]
         limit = BOUND_LOG2 - math.log2(200) - vb.float().abs().amax((2, 3)).clamp_min(1).log2()
         for rows in (128, 192):  # 192: three parts of 64 (three consumers)
             blocks = -(-300 // rows)
             worst = torch.nn.functional.pad(top - first, (0, blocks * rows - 300),
                                             value=float("-inf"))  # fmt: skip
             worst = worst.unflatten(-1, (blocks, rows)).amax(-1)
-            flags.append(bound_flags(qk, vb, rows).tolist())
+            flags.append(bound_flags(q8, q_scale, keys, rows).tolist())
             expect.append((worst <= limit[..., None]).int().flatten(0, 1).tolist())
-    scores = (qf @ kf.transpose(-1, -2)) * qk.q_scale[..., None] * qk.k_scale[:, :, None, :]
-    result["bound"] = [flags, expect, float((scores.amax(-1) - top).max())]  # C-S: <= 0
+        scores = (qf @ kf.transpose(-1, -2)) * q_scale[..., None] * keys.scales[:, :, None, :]
+        excess.append(float((scores.amax(-1) - top).max()))  # Cauchy-Schwarz: <= 0
+    result["bound"] = [flags, expect, max(excess)]
+    # sd-int8-wgmma's keys against quantize_qk's (a torch mean) and PyTorch: the mean in
+    # partial sums (16 splits of 64 keys at 1100 tokens), K, its scales, max |k| and max |v|
+    kl = (torch.randn(1, 2, 1100, 64, generator=g) + 3).bfloat16()
+    vl = torch.randn(1, 1100, 2, 64, generator=g) * torch.tensor([1.0, 7.0]).view(1, 1, 2, 1)
+    vl = vl.bfloat16().transpose(1, 2)  # the DiT's strided view
+    keys = quantize_keys(kl, vl, 64)
+    qk = quantize_qk(qb.bfloat16(), kl, k_block=64, k_rows=64)
+    mean = kl.float().mean(dim=2).flatten(0, 1)
+    k_norm = (keys.values.float().norm(dim=-1) * keys.scales).amax(-1).flatten()
+    q8, q_scale, shift = quantize_query(qb.bfloat16(), keys)
+    result["keys"] = [float((keys.mean - mean).abs().max()),
+                      int((keys.values.int() - qk.k.int()).abs().max()),
+                      float(((keys.scales - qk.k_scale).abs() / qk.k_scale).max()),
+                      float((keys.kv_max[:, 0] - k_norm).abs().max()),
+                      float((keys.kv_max[:, 1] - vl.float().abs().amax((2, 3)).flatten()).abs()
+                            .max()),
+                      bool(torch.equal(q8, qk.q)), float((shift - qk.shift).abs().max())]
     print(json.dumps(result))
 """)
 
@@ -489,6 +509,11 @@ def test_triton_kernels_match_their_emulation_in_the_interpreter() -> None:
         == [[[1, 1, 1], [1, 0, 1]], [[1, 1], [0, 0]], [[0, 0, 0], [1, 0, 1]], [[0, 0], [0, 0]]]
     )
     assert excess <= 1e-3
+    mean_error, value_error, scale_error, norm_error, v_error, same_query, shift_error = result[
+        "keys"
+    ]
+    assert mean_error < 1e-5 and value_error <= 1 and scale_error < 1e-6
+    assert norm_error == 0 and v_error == 0 and same_query and shift_error < 1e-4
 
 
 @triton_missing
@@ -559,6 +584,17 @@ def test_gpu_kernel_matches_emulation(pv_fp8: bool, dim: int, blocks: tuple[int,
         assert relative_error(out, ref) < 5e-3 and relative_error(out, exact) <= BOUND
 
 
+def assert_same_attention(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """Two ``sd-int8-wgmma`` results of the same arithmetic: the outputs bit for bit, the LSEs
+    to the last bits. The LSE's shift ``q . mean(K)`` is a sum of 128 products taken in another
+    order when the query is quantized inside the kernel (``q_in``) than apart (2 ulps seen); the
+    quantized query itself, and so the output, is the same bit for bit."""
+    assert torch.equal(a[0], b[0])
+    assert float((a[1] - b[1]).abs().max()) <= 1e-5
+
+
 needs_hopper_gluon = pytest.mark.skipif(
     not torch.cuda.is_available()
     or torch.cuda.get_device_capability() != (9, 0)
@@ -598,16 +634,19 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
         assert float((base_lse - block_ref_lse).abs().max()) < 4e-3
         assert relative_error(base, block_ref) < 5e-3
     # the schedule switches change the order of issue, not the arithmetic: bit for bit
-    for stages, overlap_qk, unroll, q_regs in (
-        (2, True, 1, True),
-        (3, False, 2, False),
-        (6, True, 1, False),
-        (2, False, 2, True),
+    # (the query quantized apart, q_in=False or q_regs=False, is the same bit for bit)
+    for stages, overlap_qk, unroll, q_regs, q_in in (
+        (2, True, 1, True, True),
+        (3, False, 2, False, False),
+        (6, True, 1, False, False),
+        (2, False, 2, True, True),
+        (4, True, 2, True, False),
     ):
         other, other_lse = run_wgmma_attention(
-            q, k, v, stages=stages, overlap_qk=overlap_qk, unroll=unroll, q_regs=q_regs
-        )
-        assert torch.equal(other, out) and torch.equal(other_lse, lse)
+            q, k, v, stages=stages, overlap_qk=overlap_qk, unroll=unroll, q_regs=q_regs,
+            q_in=q_in,
+        )  # fmt: skip
+        assert_same_attention((other, other_lse), (out, lse))
     # two consumers and 128-key tiles, with the switches written for two
     out, lse = run_wgmma_attention(q, k, v, consumers=2, block_n=128)
     ref, ref_lse = refs[128]
@@ -623,7 +662,7 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
             q, k, v, stages=stages, pingpong=pingpong, overlap_qk=overlap_qk, unroll=unroll,
             p_smem=p_smem, q_regs=q_regs, consumers=2, block_n=128,
         )  # fmt: skip
-        assert torch.equal(other, out) and torch.equal(other_lse, lse)
+        assert_same_attention((other, other_lse), (out, lse))
     # the default launch is bounded: these blocks skip the row maxima; on random inputs no
     # maximum moves past tile 0's by the lazy threshold, so the unbounded kernel agrees exactly
     for consumers, block_n in ((3, 64), (2, 128)):
@@ -636,8 +675,10 @@ def test_gpu_wgmma_kernel_matches_emulation(seq_q: int, seq_k: int) -> None:
 def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
     """Blocks whose scores could pass tile 0's maximum by more than the bound (here the queries
     of one block scaled up) take the kernel with row maxima, the others the one without; each
-    block is computed once and both agree with the emulation."""
-    from smartdiff.attention.int8_triton import bound_flags, quantize_qk
+    block is computed once and both agree with the emulation. With the query quantized in the
+    kernel (the default) each warpgroup of 64 rows decides for itself, in one launch: the same
+    output as the two launches over flagged blocks."""
+    from smartdiff.attention.int8_triton import bound_flags, quantize_keys, quantize_query
     from smartdiff.attention.int8_wgmma import run_wgmma_attention
 
     generator = torch.Generator(device="cuda").manual_seed(3)
@@ -650,7 +691,8 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
     # blocks of 192 rows (three consumers, read as three 64-row parts) and of 128 (two)
     for block_n, rows, blocks, scaled in ((64, 192, 4, 1), (128, 128, 6, 2)):
         consumers = rows // 64
-        flags = bound_flags(quantize_qk(q, k, k_block=block_n, k_rows=block_n), v, rows)
+        keys = quantize_keys(k, v, block_n)
+        flags = bound_flags(*quantize_query(q, keys)[:2], keys, rows)
         expect = torch.ones(2, blocks, dtype=torch.int32, device="cuda")
         expect[1, scaled] = 0
         assert torch.equal(flags, expect)
@@ -664,6 +706,8 @@ def test_gpu_wgmma_bounded_launch_splits_the_blocks_by_their_bound() -> None:
         block = (slice(None), 1, slice(scaled * rows, (scaled + 1) * rows))  # same kernel twice
         assert torch.equal(out[block], slow[block]) and torch.equal(lse[block], slow_lse[block])
         assert relative_error(out, slow) < 1e-3
+        apart = run_wgmma_attention(q, k, v, consumers=consumers, block_n=block_n, q_in=False)
+        assert_same_attention(apart, (out, lse))
 
 
 @needs_hopper_gluon
@@ -698,7 +742,7 @@ def test_gpu_wgmma_lazy_rescaling_follows_a_moving_and_jumping_maximum() -> None
                 q, k, v, stages=stages, pingpong=pingpong, unroll=unroll, bounded=False,
                 consumers=consumers, block_n=block_n,
             )  # fmt: skip
-            assert torch.equal(other, out) and torch.equal(other_lse, lse)
+            assert_same_attention((other, other_lse), (out, lse))
         # bounded (this input's blocks pass the bound: a gap of ~50 against a limit of ~108)
         other, other_lse = run_wgmma_attention(q, k, v, consumers=consumers, block_n=block_n)
         assert float((other_lse - ref_lse).abs().max()) < 4e-3

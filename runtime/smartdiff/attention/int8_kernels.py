@@ -3,6 +3,10 @@
 - :func:`quantize_kernel`: one pass over Q or K: INT8 values, per-token fp32 scales (the scale
   of the token's block), optionally the K-smoothing shift of each query row and the pooled
   block statistics of the sparse variant;
+- :func:`key_sums_kernel` and :func:`quantize_keys_kernel`: ``sd-int8-wgmma``'s keys: the mean
+  of K in two passes (partial column sums, then added in the quantizing pass), K quantized
+  with one scale per key tile, and the maxima of the bounded launch (``max |k_j|``, ``max |v|``);
+- :func:`bound_flags_kernel`: the bounded launch's flag per query block (two-launch path);
 - :func:`quantize_v_kernel`: V smoothed and scaled to e4m3 (or int8, for ``sd-int8-wgmma``'s
   INT8 PV), stored with the tokens contiguous;
 - :func:`attention_kernel`: the attention itself, dense or over a tile list, with its
@@ -174,17 +178,68 @@ def _int8_rows(x_ptr, scale_ptr, seq, start, ROWS: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def key_norm_kernel(k_ptr, ks_ptr, v_ptr, out_ptr, seq_k, heads, stride_vb, stride_vh, stride_vs,
+def key_sums_kernel(k_ptr, out_ptr, seq_k, heads, stride_b, stride_h, stride_s, chunk,
                     ROWS: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """``out[bh] = (max |k_j|, max |v_jd|)`` over the keys of one (batch, head), K dequantized
-    from int8, V as given (bf16/fp16, channels contiguous); atomic maxima into zeros."""
+    """``out[bh, split]``: fp32 column sums of keys ``split * chunk ... (split + 1) * chunk - 1``
+    of one (batch, head) (grid: splits x B * H; ``chunk`` a multiple of ``ROWS``), the first
+    half of ``mean(K)`` (:func:`quantize_keys_kernel` adds the splits in a fixed order)."""
+    split = tl.program_id(0)
     bh = tl.program_id(1)
-    x, k_scale, rows, ok = _int8_rows(k_ptr, ks_ptr, seq_k, tl.program_id(0) * ROWS, ROWS, D)
-    tl.atomic_max(out_ptr + 2 * bh, tl.max(tl.sqrt(tl.sum(x * x, axis=1)) * k_scale, axis=0))
-    v_base = v_ptr + (bh // heads) * stride_vb + (bh % heads) * stride_vh
-    v = tl.load(v_base + rows[:, None] * stride_vs + tl.arange(0, D)[None, :], mask=ok[:, None],
-                other=0.0)  # fmt: skip
-    tl.atomic_max(out_ptr + 2 * bh + 1, tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0))
+    base = k_ptr + (bh // heads).to(tl.int64) * stride_b + (bh % heads).to(tl.int64) * stride_h
+    cols = tl.arange(0, D)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    end = tl.minimum(split * chunk + chunk, seq_k)
+    for start in range(split * chunk, end, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        acc += tl.load(base + rows.to(tl.int64)[:, None] * stride_s + cols[None, :],
+                       mask=(rows < end)[:, None], other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(out_ptr + (bh * tl.num_programs(0) + split) * D + cols, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def quantize_keys_kernel(k_ptr, v_ptr, partial_ptr, mean_ptr, out_ptr, scale_ptr, kv_max_ptr,
+                         seq_k, heads, splits, stride_kb, stride_kh, stride_ks, stride_vb,
+                         stride_vh, stride_vs, ROWS: tl.constexpr, D: tl.constexpr,
+                         SPLITS: tl.constexpr):  # fmt: skip
+    """K smoothed by its mean (the sum of :func:`key_sums_kernel`'s ``splits`` partial sums
+    over ``seq_k``, read as one ``[SPLITS, D]`` tile (``SPLITS`` a power of two >= ``splits``:
+    one load, not a chain of ``splits`` dependent ones); program 0 of each (batch, head)
+    stores it into ``mean_ptr [BH, D]``) and
+    quantized as :func:`quantize_kernel` does with one scale per ``ROWS`` keys, into ``out_ptr
+    [BH, S, D]`` int8 and ``scale_ptr [BH, S]``; and the two maxima of the bounded launch,
+    ``max_j |k_j|`` (the int8 values dequantized) and ``max |v_jd|``, atomically into
+    ``kv_max_ptr [BH, 2]`` (zeros). V is read here, in the same pass over the keys, so no
+    kernel reads the int8 K back."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    cols = tl.arange(0, D)
+    parts = tl.arange(0, SPLITS)
+    partial = tl.load(partial_ptr + (bh * splits + parts)[:, None] * D + cols[None, :],
+                      mask=(parts < splits)[:, None], other=0.0)  # fmt: skip
+    mean = tl.sum(partial, axis=0) / seq_k
+    if pid == 0:
+        tl.store(mean_ptr + bh * D + cols, mean)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    ok = rows < seq_k
+    src = k_ptr + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_ks
+    x = tl.load(src + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    x = tl.where(ok[:, None], x - mean[None, :], 0.0)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20) / 127.0
+    scale = (scale.to(tl.int32, bitcast=True) & -8).to(tl.float32, bitcast=True)  # 21 bits
+    y = x / scale
+    quantized = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+    dst = out_ptr + bh.to(tl.int64) * seq_k * D + rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(dst, quantized, mask=ok[:, None])
+    tl.store(scale_ptr + bh.to(tl.int64) * seq_k + rows, tl.zeros([ROWS], tl.float32) + scale,
+             mask=ok)  # fmt: skip
+    values = quantized.to(tl.float32)
+    norm = tl.max(tl.sqrt(tl.sum(values * values, axis=1)), axis=0) * scale
+    tl.atomic_max(kv_max_ptr + 2 * bh, norm)
+    v_src = v_ptr + b * stride_vb + h * stride_vh + rows.to(tl.int64)[:, None] * stride_vs
+    v = tl.load(v_src + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.atomic_max(kv_max_ptr + 2 * bh + 1, tl.max(tl.max(tl.abs(v), axis=1), axis=0))
 
 
 @triton.jit

@@ -2,14 +2,17 @@
 
 The math is that of :mod:`smartdiff.attention.quantization` with one fp32 scale per key tile
 (64 keys, ``k_block=64``; K smoothed by its mean first, so the tokens of a tile have like norms) and
-per-token Q scales: INT8 QK^T in int32, online softmax in base 2, BF16 PV. The preprocessing is
-the shipped kernel's own (:func:`.int8_triton.quantize_qk`). What differs from ``sd-int8`` (plain
+per-token Q scales: INT8 QK^T in int32, online softmax in base 2, BF16 PV. The keys are
+prepared in two passes (:func:`.int8_triton.quantize_keys`: K's mean from partial sums, K
+quantized, ``max |k|`` and ``max |v|`` for the bound); the query is quantized by the kernel
+itself, each consumer its own 64 rows in registers, to the same values as ``sd-int8``'s pass
+(:func:`_quantize_query`, :func:`.int8_triton.quantize_query`). What differs from ``sd-int8`` (plain
 Triton, which waits for every wgmma right after issuing it) is the schedule, written out in
 Gluon the way FlashAttention-3 lays it out:
 
 - one CTA per 192 query rows of one (batch, head), one per SM (``maxnreg`` 128 at launch);
 - a producer warpgroup (the default partition, 24 registers after ``setmaxnreg``) brings Q
-  once and then K and V tiles of 64 keys in by TMA, into 4-deep shared-memory rings with a
+  (bf16) once and then K and V tiles of 64 keys in by TMA, into 4-deep shared-memory rings with a
   "full" and an "empty" mbarrier per stage; the K and V tiles are shared by
 - three consumer warpgroups (160 registers each), 64 query rows apiece: for tile n each issues
   QK^T of tile n and PV of tile n - 1 back to back (P from registers), waits for the scores,
@@ -29,7 +32,10 @@ queued; with the bounded launch's foreign blocks returning at once (below), 1.48
 (``attention_wgmma_early_return_h200.json``) and 1.493x / 1.473x queued
 (``attention_timing_early_return_h200.json``); with the row sums kept as each thread's share
 (:func:`_thread_row_sums`), 1.489x / 1.548x (``attention_wgmma_partials_h200.json``) and 1.478x
-/ 1.554x queued (``attention_timing_partials_h200.json``). One tile per iteration is slower
+/ 1.554x queued (``attention_timing_partials_h200.json``); with the query quantized in the
+kernel (below), 1.496x / 1.555x (``attention_wgmma_qin_h200.json``; 1.490-1.513x / 1.555-1.568x
+over six readings, diagnostics section 26) and 1.513x / 1.558x queued
+(``attention_timing_qin_h200.json``). One tile per iteration is slower
 (1.391x / 1.331x), four much slower (1.24x); 3, 4 and 6 stages alike
 (``attention_wgmma_consumers3_first_h200.json``, ``attention_wgmma_stages_h200.json``); two
 consumers on 64-key tiles slower still (1.23x / 1.27x). Three consumers on 128-key tiles spill
@@ -63,22 +69,31 @@ spills (244 against 40 bytes), so that path keeps Q in shared memory.
 The bounded launch (``run_wgmma_attention(bounded=True)``, the default for BF16 PV): a row's
 scores are at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8 values) and its reference,
 tile 0's maximum, is at least its score with key 0. Where that gap B (log2 units) is small
-enough for all rows of a block (192; 128 with two consumers) that, with the reference fixed
+enough for all rows of a warpgroup (64; of a block, 192 or 128, on the two-launch path below)
+that, with the reference fixed
 after tile 0, neither the row sums (at most ``N 2**B``) nor the accumulator (at most ``N 2**B
 max |v|``) can pass 2**126 (:func:`.int8_triton.bound_flags`; B up to ~108 at the Wan shapes
 with ``|v| <= 6``), the block needs no row maximum and no rescaling in any later tile
 (:func:`_softmax_bounded`: 30 integer maxima, 4 shuffles and the rescale vote fewer per step).
-Two small Triton kernels write one flag per block; the kernel is then launched twice, compiled
-with ``RUN`` 1 (the flagged blocks, without maxima) and 2 (the others, as before); a block that
-is not its launch's returns at once. Deciding inside the kernel instead (a branch per tile, or
-one per warpgroup between two copies of the loop) cost more in scheduling than the maxima
-(``attention_wgmma_diagnostics_h200.txt`` section 19); one launch with each consumer branching
-on its block's flag measured the same at 1.3B and 1.2% slower at 14B (section 24). Random inputs
+Since 2026-11-29 each consumer warpgroup decides for its own 64 rows, from the query it has
+just quantized (:func:`_quantize_query` returns B's maximum over the rows), and branches once
+between two compiled copies of its loop: one launch, no flags kernel, and a block with one
+far-off row no longer takes all 192 rows to the body with maxima. Before that the query was
+quantized by a pass of its own, two small Triton kernels wrote one flag per block and the
+kernel was launched twice, compiled with ``RUN`` 1 (the flagged blocks, without maxima) and 2
+(the others), a block not its launch's returning at once; that path stays for the switches that
+keep the query in shared memory and for ``q_in=False`` (the same output bit for bit, the LSE to
+a few ulps). Deciding
+per tile, or per warpgroup from a flag computed apart, had cost more in scheduling than it
+saved (``attention_wgmma_diagnostics_h200.txt`` sections 19 and 24: one launch branching on its
+block's flag measured the same at 1.3B and 1.2% slower at 14B); with the query's own pass and
+the flags kernel gone it is 0.1-2% faster (section 26). Random inputs
 at the Wan shapes are all flagged: 1.393x / 1.433x cuDNN against 1.349x / 1.371x unbounded in
 the same run, the same output bit for bit (``attention_wgmma_bounded_h200.json``). With mixed
 flags the two launches' partly filled last waves cost more than the maxima: on the ``smooth``
 inputs of ``benchmarks/attention.py`` (54% flagged) the default was 1.8% slower than
-``bounded=False`` (``attention_wgmma_bounded_smooth_h200.json``). Those figures are with a fixed
+``bounded=False`` (``attention_wgmma_bounded_smooth_h200.json``; one launch has no such second
+wave, not measured on those inputs since). Those figures are with a fixed
 limit of 64 on B (blind to V: the accumulator could overflow for ``|v|`` beyond about 2**47);
 the limit above replaced it in the same session, unmeasured on the GPU: by a CPU estimate it
 flags every sampled block of the smooth inputs (diagnostics section 20) and leaves the random
@@ -167,6 +182,7 @@ Talks to: :mod:`.int8_triton` (quantization), torch, Triton's Gluon; chosen thro
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import torch
@@ -183,9 +199,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from smartdiff.attention.int8_triton import (
+    BOUND_LOG2,
     bound_flags,
     channels_last,
-    quantize_qk,
+    quantize_keys,
+    quantize_query,
     quantize_v,
 )
 from smartdiff.attention.quantization import check_qkv
@@ -203,6 +221,7 @@ UNROLL: Final = 2  # key tiles per loop iteration (BF16 PV)
 # Ki) and after setmaxnreg in each consumer (the producer keeps 24)
 LAUNCH_REGISTERS: Final = {2: 168, 3: 128}
 CONSUMER_REGISTERS: Final = {2: 240, 3: 160}  # 24 + 2 x 240 = 3 x 168; 24 + 3 x 160 <= 4 x 128
+SHARED_MEMORY: Final = 232448  # bytes a CTA may have on sm_90 (227 KiB)
 WG0 = gl.constexpr(0)
 WG1 = gl.constexpr(1)
 WG2 = gl.constexpr(2)
@@ -210,6 +229,8 @@ WG2 = gl.constexpr(2)
 INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)
 INT_TO_FLOAT_OFFSET = gl.constexpr(-12582912.0)  # -1.5 * 2**23
 LN2 = gl.constexpr(0.6931471805599453)
+# the query's pre-scale, log2(e) / sqrt(128), as quantize_query passes it (rounded to fp32)
+Q_PRE_SCALE = gl.constexpr(1.4426950408889634 / math.sqrt(HEAD_DIM))
 LOG2_P_MAX = gl.constexpr(7.988684686772166)  # log2(254): INT8 P is 254 * exp2(s - max) - 127
 P_ROUNDING = gl.constexpr(12582912.0 - 127.0)  # 1.5 * 2**23 - 127
 # lazy rescaling: a row's reference maximum moves only when a tile's maximum passes it by more
@@ -509,13 +530,14 @@ def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
               FOLD: gl.constexpr, PV8: gl.constexpr, SUM_MMA: gl.constexpr,
               UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
-              BOUNDED: gl.constexpr):  # fmt: skip
+              BOUNDED: gl.constexpr, Q_IN: gl.constexpr):  # fmt: skip
     """One consumer warpgroup: 64 query rows against every key tile, then the output; ``args``
     is the kernel's tuple of the (non-constexpr) values both consumers take
     (:func:`wgmma_attention_kernel`; a constexpr inside a tuple stops being one)."""
     (q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn, qs_ptr,
      ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h,
-     bh, off_m, stride_ob, stride_oh, stride_os) = args  # fmt: skip
+     bh, off_m, stride_ob, stride_oh, stride_os, mean_ptr, k8_ptr, kv_max_ptr,
+     limit) = args  # fmt: skip
     if PV8:
         _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                    qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
@@ -524,23 +546,121 @@ def _consumer(args, WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.conste
     else:
         _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
                     turn, qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b,
-                    h, bh, off_m, stride_ob, stride_oh, stride_os,
-                    WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
-                    SUM_MMA, UNROLL, P_SMEM, Q_REGS, BOUNDED)  # fmt: skip
+                    h, bh, off_m, stride_ob, stride_oh, stride_os, mean_ptr, k8_ptr, kv_max_ptr,
+                    limit, WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK, FOLD,
+                    SUM_MMA, UNROLL, P_SMEM, Q_REGS, BOUNDED, Q_IN)  # fmt: skip
+
+
+@gluon.jit
+def _quantize_query(q_smem, WG: gl.constexpr, s_layout: gl.constexpr, mean_ptr, k8_ptr,
+                    ks_ptr, kv_max_ptr, row0, seq_q, BOUNDED: gl.constexpr):  # fmt: skip
+    """This warpgroup's 64 bf16 query rows (from shared memory) quantized exactly as
+    :func:`.int8_triton.quantize_query` does (times log2(e) / sqrt(D), one scale per row,
+    max |x| / 127 cut to 21 significant bits, rounded half away from zero), for one (batch,
+    head) whose keys' mean, int8 values, scales and maxima start at the pointers:
+    ``(the int8 A operand of QK^T in registers, the rows' scales, their shifts q . mean(K),
+    the largest bound excess B of the rows in range)`` -- B as
+    :func:`.int8_triton.bound_flags` takes it, ``|q_i| max_j |k_j| - q_i . k_0``; without
+    ``BOUNDED`` a zero instead (an unused reduction breaks Triton 3.6's lowering)."""
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    cols = gl.arange(0, q_smem.shape[-1], layout=gl.SliceLayout(0, blocked))
+    x = q_smem.index(WG).reshape([WG_ROWS, q_smem.shape[-1]]).load(blocked).to(gl.float32)
+    x = x * Q_PRE_SCALE
+    shift = gl.sum(x * gl.load(mean_ptr + cols)[None, :], axis=1)
+    scale = gl.maximum(gl.max(gl.abs(x), axis=1), 1e-20) / 127.0
+    scale = (scale.to(gl.int32, bitcast=True) & -8).to(gl.float32, bitcast=True)
+    y = x / scale[:, None]
+    q8 = (y + gl.where(y >= 0, 0.5, -0.5)).to(gl.int8)
+    if BOUNDED:
+        values = q8.to(gl.float32)
+        first = gl.sum(values * gl.load(k8_ptr + cols).to(gl.float32)[None, :], axis=1)
+        first = first * scale * gl.load(ks_ptr)
+        top = gl.sqrt(gl.sum(values * values, axis=1)) * scale * gl.load(kv_max_ptr)
+        rows = row0 + gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, blocked))
+        worst = gl.max(gl.where(rows < seq_q, top - first, float("-inf")), axis=0)
+    else:
+        worst = 0.0
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_view = gl.convert_layout(q8, gl.DotOperandLayout(operand_index=0, parent=s_layout,
+                                                       k_width=4))  # fmt: skip
+    return q_view, gl.convert_layout(scale, row_s), gl.convert_layout(shift, row_s), worst
 
 
 @gluon.jit
 def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
                 qs_ptr, ks_ptr, shift_ptr, out_ptr, lse_ptr, seq_q, seq_k, n_tiles, b, h, bh,
-                off_m, stride_ob, stride_oh, stride_os,
+                off_m, stride_ob, stride_oh, stride_os, mean_ptr, k8_ptr, kv_max_ptr, limit,
                 WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
                 FOLD: gl.constexpr, SUM_MMA: gl.constexpr,
                 UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
-                BOUNDED: gl.constexpr):  # fmt: skip
-    """BF16 PV: 64 query rows against every key tile, then the output. ``BOUNDED``: every tile
-    after the first without row maxima
-    (:func:`_softmax_bounded`; the caller checked the bound)."""
+                BOUNDED: gl.constexpr, Q_IN: gl.constexpr):  # fmt: skip
+    """BF16 PV: the warpgroup's query rows, :func:`_consumer_body` over every key tile, then
+    the LSE. ``Q_IN``: the query comes as bf16 and is quantized here (:func:`_quantize_query`),
+    and with ``BOUNDED`` the warpgroup takes the body without row maxima when its own 64 rows
+    pass the bound (one launch); else the int8 query, its scales and shifts come from
+    :func:`.int8_triton.quantize_query` and ``BOUNDED`` is the launch's (the caller checked
+    the block's flag)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row0 = off_m + WG * WG_ROWS
+    offs_m = row0 + gl.arange(0, WG_ROWS, layout=row_s)
+    row_ok = offs_m < seq_q
+    mbarrier.wait(q_bar, 0)
+    if Q_IN:
+        q_view, q_scale, shift, worst = _quantize_query(
+            q_smem, WG, s_layout, mean_ptr + bh * HEAD_DIM, k8_ptr + bh * seq_k * HEAD_DIM,
+            ks_ptr + bh * seq_k, kv_max_ptr + 2 * bh, row0, seq_q, BOUNDED,
+        )  # fmt: skip
+        # (a run-time choice between the two bodies, each compiled with its constexpr; a flag
+        # set to False without BOUNDED becomes a branch on a constant, which Triton 3.6 fails
+        # to lower)
+        if BOUNDED:
+            v_max = gl.maximum(gl.load(kv_max_ptr + 2 * bh + 1), 1.0)
+            if worst <= limit - gl.log2(v_max):
+                lse2 = _consumer_body(q_view, q_scale, k_smem, v_smem, ones, p_smem, k_full,
+                                      k_empty, v_full, v_empty, turn, ks_ptr, out_ptr, seq_q,
+                                      seq_k, n_tiles, b, h, bh, row0, stride_ob, stride_oh,
+                                      stride_os, WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG,
+                                      OVERLAP_QK, FOLD, SUM_MMA, UNROLL, P_SMEM, True)  # fmt: skip
+            else:
+                lse2 = _consumer_body(q_view, q_scale, k_smem, v_smem, ones, p_smem, k_full,
+                                      k_empty, v_full, v_empty, turn, ks_ptr, out_ptr, seq_q,
+                                      seq_k, n_tiles, b, h, bh, row0, stride_ob, stride_oh,
+                                      stride_os, WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG,
+                                      OVERLAP_QK, FOLD, SUM_MMA, UNROLL, P_SMEM, False)  # fmt: skip
+        else:
+            lse2 = _consumer_body(q_view, q_scale, k_smem, v_smem, ones, p_smem, k_full,
+                                  k_empty, v_full, v_empty, turn, ks_ptr, out_ptr, seq_q,
+                                  seq_k, n_tiles, b, h, bh, row0, stride_ob, stride_oh,
+                                  stride_os, WG, BLOCK_N, HEAD_DIM, STAGES, PINGPONG,
+                                  OVERLAP_QK, FOLD, SUM_MMA, UNROLL, P_SMEM, False)  # fmt: skip
+    else:
+        q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
+        q_view = _query_operand(q_smem, WG, s_layout, Q_REGS)
+        lse2 = _consumer_body(q_view, q_scale, k_smem, v_smem, ones, p_smem, k_full, k_empty,
+                              v_full, v_empty, turn, ks_ptr, out_ptr, seq_q, seq_k, n_tiles, b, h,
+                              bh, row0, stride_ob, stride_oh, stride_os, WG, BLOCK_N, HEAD_DIM,
+                              STAGES, PINGPONG, OVERLAP_QK, FOLD, SUM_MMA, UNROLL, P_SMEM,
+                              BOUNDED)  # fmt: skip
+        shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    gl.store(lse_ptr + bh * seq_q + offs_m, (lse2 + shift) * LN2, mask=row_ok)
+
+
+@gluon.jit
+def _consumer_body(q_view, q_scale, k_smem, v_smem, ones, p_smem, k_full, k_empty, v_full,
+                   v_empty, turn, ks_ptr, out_ptr, seq_q, seq_k, n_tiles, b, h, bh, row0,
+                   stride_ob, stride_oh, stride_os,
+                   WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr,
+                   FOLD: gl.constexpr, SUM_MMA: gl.constexpr, UNROLL: gl.constexpr,
+                   P_SMEM: gl.constexpr, BOUNDED: gl.constexpr):  # fmt: skip
+    """64 query rows (``q_view``, the QK^T operand) against every key tile; stores the output
+    and returns the rows' log2-sum-exp2 before the K-smoothing shift. ``BOUNDED``: every tile
+    after the first without row maxima (:func:`_softmax_bounded`; the caller checked the
+    bound)."""
     BLOCK_M: gl.constexpr = WG_ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
@@ -552,10 +672,6 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    row0 = off_m + WG * BLOCK_M
-    offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-    row_ok = offs_m < seq_q
-    q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
     ks_base = ks_ptr + bh * seq_k
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
     if SUM_MMA:  # [rows, 8], every column the row sum (_row_sums)
@@ -570,8 +686,6 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
 
-    mbarrier.wait(q_bar, 0)
-    q_view = _query_operand(q_smem, WG, s_layout, Q_REGS)
     # tile 0: scores and softmax (masked: it may be the last tile too)
     s, scale0, offset0 = _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_base, s_zero,
                                        WG, PINGPONG)  # fmt: skip
@@ -628,9 +742,7 @@ def _consumer16(q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_
     cols = gl.arange(0, HEAD_DIM, layout=col_o)
     dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
     gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
-    shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
-    lse2 = m_i + gl.log2(total) + shift
-    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok)
+    return m_i + gl.log2(total)
 
 
 @gluon.jit
@@ -769,26 +881,31 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_e
 @gluon.jit
 def wgmma_attention_kernel(
     q_desc, k_desc, v_desc, qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr,
-    lse_ptr, flags_ptr,
-    seq_q, seq_k, heads, stride_ob, stride_oh, stride_os,
+    lse_ptr, flags_ptr, mean_ptr, k8_ptr, kv_max_ptr,
+    seq_q, seq_k, heads, stride_ob, stride_oh, stride_os, limit,
     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     PINGPONG: gl.constexpr, OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, PV8: gl.constexpr,
     SUM_MMA: gl.constexpr, UNROLL: gl.constexpr, P_SMEM: gl.constexpr, Q_REGS: gl.constexpr,
-    RUN: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    RUN: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, Q_IN: gl.constexpr,
 ):  # fmt: skip
     """``CONSUMERS`` x 64 query rows of one (batch, head): shared memory, barriers, a producer
-    and the consumers (``CONSUMER_REGS`` registers per thread each). ``RUN``
-    0: every block; 1: the blocks whose flag (:func:`.int8_triton.bound_flags`) is 1, without
-    row maxima; 2: those whose flag is 0 (the others return at once)."""
+    and the consumers (``CONSUMER_REGS`` registers per thread each). ``Q_IN``: ``q_desc`` is
+    the bf16 query, quantized by each consumer (``mean_ptr``, ``k8_ptr``, ``kv_max_ptr``: the
+    keys' :class:`.int8_triton.QuantizedKeys`; ``limit`` the bound's ``BOUND_LOG2 - log2
+    seq_k``), and ``RUN`` 1 lets each warpgroup whose rows pass the bound go without row
+    maxima. Else ``q_desc`` is the int8 query and ``RUN`` 0: every block; 1: the blocks whose
+    flag (:func:`.int8_triton.bound_flags`) is 1, without row maxima; 2: those whose flag is 0
+    (the others return at once)."""
     bh = gl.program_id(1)
-    if RUN != 0:  # a block that is not this launch's: nothing to do
+    if RUN != 0 and not Q_IN:  # a block that is not this launch's: nothing to do
         flag = gl.load(flags_ptr + bh * gl.num_programs(0) + gl.program_id(0))
         if flag != 2 - RUN:
             return
     b = bh // heads
     h = bh % heads
     off_m = gl.program_id(0) * (CONSUMERS * WG_ROWS)
-    q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, 1, 1, WG_ROWS, HEAD_DIM],
+    q_smem = gl.allocate_shared_memory(gl.bfloat16 if Q_IN else gl.int8,
+                                       [CONSUMERS, 1, 1, WG_ROWS, HEAD_DIM],
                                        q_desc.layout)  # fmt: skip
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     if PV8:
@@ -833,7 +950,8 @@ def wgmma_attention_kernel(
     consumer_args = (
         q_smem, k_smem, v_smem, ones, p_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
         qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q, seq_k,
-        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
+        n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os, mean_ptr, k8_ptr, kv_max_ptr,
+        limit,
     )  # fmt: skip
     # one call per consumer count, spelled out: Gluon cannot hold a (function, arguments) pair
     # in a variable ("cannot convert JITFunction ... to tensor"), so the lists cannot be shared
@@ -844,11 +962,11 @@ def wgmma_attention_kernel(
                              k_empty, v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES,
                              PV8, CONSUMERS)),
                 (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1, Q_IN)),
                 (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1, Q_IN)),
                 (_consumer, (consumer_args, WG2, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1, Q_IN)),
             ],
             [4, 4, 4],
             [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS],
@@ -860,9 +978,9 @@ def wgmma_attention_kernel(
                              k_empty, v_full, v_empty, b, h, off_m, n_tiles, BLOCK_N, STAGES,
                              PV8, CONSUMERS)),
                 (_consumer, (consumer_args, WG0, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1, Q_IN)),
                 (_consumer, (consumer_args, WG1, BLOCK_N, HEAD_DIM, STAGES, PINGPONG, OVERLAP_QK,
-                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1)),
+                             FOLD, PV8, SUM_MMA, UNROLL, P_SMEM, Q_REGS, RUN == 1, Q_IN)),
             ],
             [4, 4],
             [CONSUMER_REGS, CONSUMER_REGS],
@@ -878,6 +996,20 @@ def _descriptor(
     block = [1, 1, rows, cols or x.shape[-1]]
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def _shared_bytes(
+    consumers: int, block_n: int, stages: int, q_in: bool, pv8: bool, p_smem: bool
+) -> int:
+    """An upper estimate of the kernel's shared memory: the query tiles (bf16 with ``q_in``),
+    the K and V ring, P's buffers, the tile of ones, barriers, and with ``q_in`` one int8 query
+    tile per warpgroup for the layout conversion of the quantized query (Triton 3.6 compiled
+    172,816 and 245,904 bytes where this says 174,080 and 248,832)."""
+    query = consumers * WG_ROWS.value * HEAD_DIM * (2 if q_in else 1)
+    ring = stages * block_n * HEAD_DIM * (2 if pv8 else 3)
+    converted = consumers * WG_ROWS.value * HEAD_DIM if q_in else 0
+    p_buffers = 4 * WG_ROWS.value * block_n * 2 if p_smem else 0
+    return query + ring + converted + p_buffers + 8 * block_n * 2 + 1024
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -911,13 +1043,20 @@ def run_wgmma_attention(
     bounded: bool = True,
     consumers: int | None = None,
     block_n: int | None = None,
+    q_in: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel with its schedule switches (module docstring): ``(out, lse)``; ``unroll``
     defaults to 2 (1 with ``pv8``, which has no unrolled loop); ``p_smem`` (BF16 PV only)
     needs ``stages <= 3`` (shared memory); ``q_regs`` (BF16 PV only: with INT8 PV ptxas spills
-    244 instead of 40 bytes) keeps the query tile in registers; ``bounded`` (BF16 PV, folded,
-    without ``sum_mma``) runs the query blocks whose scores are bounded (:func:`bound_flags`)
-    without row maxima, the others as before (two launches). ``consumers`` (warpgroups of 64
+    244 instead of 40 bytes) keeps the query tile in registers; ``q_in`` (with ``q_regs``, BF16
+    PV, no ``p_smem``, and where the bf16 query fits in shared memory: not with two consumers
+    and four stages of 128 keys) quantizes the query inside the kernel (:func:`_quantize_query`)
+    instead of in a pass of its own (:func:`.int8_triton.quantize_query`; the same values bit
+    for bit);
+    ``bounded`` (BF16 PV, folded, without ``sum_mma``) runs the query rows whose scores are
+    bounded without row maxima: per warpgroup of 64 rows in one launch with ``q_in``, else per
+    block flagged by :func:`.int8_triton.bound_flags`, the others as before (two launches).
+    ``consumers`` (warpgroups of 64
     query rows per CTA) and ``block_n`` (keys per tile and K scale) default to 3 and 64 with
     BF16 PV, to 2 and 128 with any of ``pv8``, ``p_smem``, ``pingpong``, ``sum_mma`` (written
     for two consumers; three take 64-key tiles, at 128 they spill); ``stages`` to 4 with three
@@ -960,26 +1099,40 @@ def run_wgmma_attention(
     q, k, v = channels_last(q), channels_last(k), channels_last(v)
     batch, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    qk = quantize_qk(q, k, k_block=block_n, k_rows=block_n)
+    keys = quantize_keys(k, v, block_n)
+    q_in = (  # where it fits: the bf16 query takes twice the int8 one's shared memory
+        q_in
+        and q_regs
+        and not (pv8 or p_smem)
+        and _shared_bytes(consumers, block_n, stages, True, pv8, p_smem) <= SHARED_MEMORY
+    )
+    bounded = bounded and fold and not (pv8 or sum_mma)
+    cta_rows = consumers * WG_ROWS.value
+    if q_in:  # quantized by the kernel, which checks the bound per warpgroup
+        q_desc = _descriptor(q, WG_ROWS.value, gl.bfloat16)
+        q_scale = shift = flags = keys.mean  # unused
+        runs: tuple[int, ...] = (1,) if bounded else (0,)
+    else:
+        q8, q_scale, shift = quantize_query(q, keys)
+        q_desc = _descriptor(q8, WG_ROWS.value, gl.int8)
+        flags = bound_flags(q8, q_scale, keys, cta_rows) if bounded else q_scale  # (or unused)
+        runs = (1, 2) if bounded else (0,)  # the blocks the bound lets go without maxima
     if pv8:
         v8, v_scale, v_mean, sums = quantize_v(v, int8=True)
         v_desc = _descriptor(v8, dim, gl.int8, cols=block_n)
     else:
         v_desc = _descriptor(v, block_n, gl.bfloat16)
-        v_scale = v_mean = qk.shift  # unused
-        sums = qk.q_scale  # unused
+        v_scale = v_mean = sums = keys.mean  # unused
     out = torch.empty((batch, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    bounded = bounded and fold and not (pv8 or sum_mma)
-    cta_rows = consumers * WG_ROWS.value
-    flags = bound_flags(qk, v, cta_rows) if bounded else qk.q_scale  # (else unused)
     args = (
-        _descriptor(qk.q, WG_ROWS.value, gl.int8),
-        _descriptor(qk.k, block_n, gl.int8),
-        v_desc, qk.q_scale, qk.k_scale, qk.shift, v_scale, v_mean, sums, out, lse, flags,
+        q_desc, _descriptor(keys.values, block_n, gl.int8), v_desc,
+        q_scale, keys.scales, shift, v_scale, v_mean, sums, out, lse, flags,
+        keys.mean, keys.values, keys.kv_max,
         seq_q, seq_k, heads, out.stride(0), out.stride(2), out.stride(1),
+        BOUND_LOG2 - math.log2(seq_k),
     )  # fmt: skip
-    for run in (1, 2) if bounded else (0,):  # the blocks the bound lets go without maxima
+    for run in runs:
         wgmma_attention_kernel[(triton.cdiv(seq_q, cta_rows), batch * heads)](
             *args,
             BLOCK_N=block_n,
@@ -996,6 +1149,7 @@ def run_wgmma_attention(
             RUN=run,
             CONSUMERS=consumers,
             CONSUMER_REGS=CONSUMER_REGISTERS[consumers],
+            Q_IN=q_in,
             num_warps=4,
             maxnreg=LAUNCH_REGISTERS[consumers],
         )
