@@ -34,7 +34,7 @@ queued; with the bounded launch's foreign blocks returning at once (below), 1.48
 (:func:`_thread_row_sums`), 1.489x / 1.548x (``attention_wgmma_partials_h200.json``) and 1.478x
 / 1.554x queued (``attention_timing_partials_h200.json``); with the query quantized in the
 kernel (below), 1.496x / 1.555x (``attention_wgmma_qin_h200.json``; 1.490-1.513x / 1.555-1.568x
-over six readings, diagnostics section 26) and 1.513x / 1.558x queued
+over seven readings, diagnostics section 26) and 1.513x / 1.558x queued
 (``attention_timing_qin_h200.json``). One tile per iteration is slower
 (1.391x / 1.331x), four much slower (1.24x); 3, 4 and 6 stages alike
 (``attention_wgmma_consumers3_first_h200.json``, ``attention_wgmma_stages_h200.json``); two
