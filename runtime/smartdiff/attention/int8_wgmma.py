@@ -19,165 +19,33 @@ Gluon the way FlashAttention-3 lays it out:
   runs the softmax, then waits for PV. The loop takes two key tiles per iteration
   (``UNROLL``, 2), and the warpgroups run free of each other.
 
-Three consumers on 64-key tiles are the default since 2026-11-29 (``consumers=3, block_n=64``):
-half the key tile halves the scores' and P's registers (32 + 16 per thread), so a third
-warpgroup fits in 160 registers with no spills in the loop, each K and V tile loaded once serves
-192 query rows instead of 128 (a third less traffic from L2 per query), and three softmaxes
-interleave with the tensor cores' work. H200, cuDNN in the same run
-(``attention_wgmma_consumers3_h200.json``): 1.420x / 1.474x cuDNN at the 1.3B / 14B shapes
-against 1.373x / 1.423x for the former default (two consumers of 240 registers, 128-key tiles, 3
-stages: ``consumers=2, block_n=128``), error 1.15e-2 against 1.18e-2 (a K scale per 64 keys);
-``benchmarks/attention_timing.py`` (``attention_timing_consumers3_h200.json``): 1.445x / 1.469x
-queued; with the bounded launch's foreign blocks returning at once (below), 1.488x / 1.475x
-(``attention_wgmma_early_return_h200.json``) and 1.493x / 1.473x queued
-(``attention_timing_early_return_h200.json``); with the row sums kept as each thread's share
-(:func:`_thread_row_sums`), 1.489x / 1.548x (``attention_wgmma_partials_h200.json``) and 1.478x
-/ 1.554x queued (``attention_timing_partials_h200.json``); with the query quantized in the
-kernel (below), 1.496x / 1.555x (``attention_wgmma_qin_h200.json``; 1.490-1.513x / 1.555-1.568x
-over seven readings, diagnostics section 26) and 1.513x / 1.558x queued
-(``attention_timing_qin_h200.json``). One tile per iteration is slower
-(1.391x / 1.331x), four much slower (1.24x); 3, 4 and 6 stages alike
-(``attention_wgmma_consumers3_first_h200.json``, ``attention_wgmma_stages_h200.json``); two
-consumers on 64-key tiles slower still (1.23x / 1.27x). Three consumers on 128-key tiles spill
-1.3-10 KB (diagnostics section 1). The switches written for two consumers (``pingpong``: a pair
-of mbarriers that makes them take turns issuing, FlashAttention-3's ping-pong, measured slower
-once the loop is unrolled; ``p_smem``, ``sum_mma``, ``pv8``) take the two-consumer, 128-key
-layout, which stays.
-
-The softmax takes each tile's row maximum on the int32 scores (exact; the key scale is one
-per tile) and meets key scale, query scale and maximum in one multiply-add per score
-(``FOLD``, the default): one fused multiply-add and one float max fewer per score than scaling
-by the key and then by the query scale, worth 10-15% of the kernel's speed. Each tile's key
-scale is loaded a step ahead of its use: loaded in the step that uses it, Nsight Compute put
-32% of the warps' stall cycles on that one global load (``attention_wgmma_ncu_h200.txt``;
-prefetched, the kernel took 8.07 instead of 8.55 ms). Rescaling (BF16 PV) is lazy, as in
-FlashAttention-4: a row's reference maximum moves only when a tile's maximum passes it by more
-than :data:`LAZY_THRESHOLD` (8, log2 units; P stays below 2**8, which BF16 and the fp32 sums
-carry), so after the first tiles nearly every alpha is exactly 1, and a warp none of whose rows
-changed skips the 64 multiplies that rescale its accumulator (:func:`_rescale`, a vote and a
-branch in PTX, before the step's products are issued). Measured 1-2% faster than eager
-rescaling in two interleaved runs (8.70-8.90 against 8.91-8.98 ms at the 1.3B shape, 152.9-156.3
-against 154.4-158.0 ms at 14B), the same error, and no register spills where eager rescaling
-had 136 bytes (``attention_wgmma_diagnostics_h200.txt``). Each consumer loads its query tile
-into registers once (``Q_REGS``, 16 per thread; the wgmma A operand in registers) instead of
-QK^T reading it from shared memory in every step: the same output bit for bit, 2.6% / 2.0%
-faster in the sweep (731 against 713 and 767 against 752 TFLOP/s at the 1.3B / 14B shapes,
-``attention_wgmma_qregs_h200.json``), 1.374x / 1.367x cuDNN timed queued
-(``attention_timing_qregs_h200.json``, against 1.328x / 1.339x before). With INT8 PV it adds
-spills (244 against 40 bytes), so that path keeps Q in shared memory.
-
-The bounded launch (``run_wgmma_attention(bounded=True)``, the default for BF16 PV): a row's
-scores are at most ``|q_i| max_j |k_j|`` (Cauchy-Schwarz on the int8 values) and its reference,
-tile 0's maximum, is at least its score with key 0. Where that gap B (log2 units) is small
-enough for all rows of a warpgroup (64; of a block, 192 or 128, on the two-launch path below)
-that, with the reference fixed
-after tile 0, neither the row sums (at most ``N 2**B``) nor the accumulator (at most ``N 2**B
-max |v|``) can pass 2**126 (:func:`.int8_triton.bound_flags`; B up to ~108 at the Wan shapes
-with ``|v| <= 6``), the block needs no row maximum and no rescaling in any later tile
-(:func:`_softmax_bounded`: 30 integer maxima, 4 shuffles and the rescale vote fewer per step).
-Since 2026-11-29 each consumer warpgroup decides for its own 64 rows, from the query it has
-just quantized (:func:`_quantize_query` returns B's maximum over the rows), and branches once
-between two compiled copies of its loop: one launch, no flags kernel, and a block with one
-far-off row no longer takes all 192 rows to the body with maxima. Before that the query was
-quantized by a pass of its own, two small Triton kernels wrote one flag per block and the
-kernel was launched twice, compiled with ``RUN`` 1 (the flagged blocks, without maxima) and 2
-(the others), a block not its launch's returning at once; that path stays for the switches that
-keep the query in shared memory and for ``q_in=False`` (the same output bit for bit, the LSE to
-a few ulps). Deciding
-per tile, or per warpgroup from a flag computed apart, had cost more in scheduling than it
-saved (``attention_wgmma_diagnostics_h200.txt`` sections 19 and 24: one launch branching on its
-block's flag measured the same at 1.3B and 1.2% slower at 14B); with the query's own pass and
-the flags kernel gone it is 0.1-2% faster (section 26). Random inputs
-at the Wan shapes are all flagged: 1.393x / 1.433x cuDNN against 1.349x / 1.371x unbounded in
-the same run, the same output bit for bit (``attention_wgmma_bounded_h200.json``). With mixed
-flags the two launches' partly filled last waves cost more than the maxima: on the ``smooth``
-inputs of ``benchmarks/attention.py`` (54% flagged) the default was 1.8% slower than
-``bounded=False`` (``attention_wgmma_bounded_smooth_h200.json``; one launch has no such second
-wave, not measured on those inputs since). Those figures are with a fixed
-limit of 64 on B (blind to V: the accumulator could overflow for ``|v|`` beyond about 2**47);
-the limit above replaced it in the same session, unmeasured on the GPU: by a CPU estimate it
-flags every sampled block of the smooth inputs (diagnostics section 20) and leaves the random
-ones all flagged.
-
-What bounds the kernel on the H200 measured here is power: every attention kernel and GEMM
-tried runs at the 700 W software power cap, the clock lowered to stay there (1680 MHz under
-cuDNN, 1770 under this kernel, 1470 under a bf16 GEMM; ``attention_power_h200.json``), so a
-call's time is its energy over ~690 W. The softmax is ~19% of this kernel's energy; schedules
-that overlap more of the same work do not help (section 17 of the diagnostics).
-
-Measured (``benchmarks/attention_wgmma.py`` sweeps the switches; H200, cuDNN SDPA in the same
-run, ``benchmarks/results/attention_wgmma_schedules_h200.json``): the default (3 stages, two
-tiles per iteration, no ping-pong, prefetched key scales) 742 / 744 TFLOP/s = 1.32x / 1.33x
-cuDNN at the 1.3B / 14B shapes; the previous default (2 stages, one tile per iteration,
-ping-pong, scales loaded in place) 706 / 719 = 1.26x / 1.29x; the other combinations in between
-(715-752). Earlier sweeps (``attention_wgmma_h200.json``): unfolded 1.10x / 1.12x; unfolded and
-waiting for QK^T before issuing PV (``OVERLAP_QK=False``) 1.05x / 1.06x. The schedule switches
-reorder issue only (every combination of one arithmetic gives the same output bit for bit).
-
-A schedule that keeps the next tile's QK^T in flight during the softmax spills at 128-key
-tiles and is slower at 64 (64-key int8 tiles read shared memory at its bandwidth); per-key
-scales need two 32-register column vectors per thread, which pushed ptxas to spill and to move
-the softmax after the PV wait. The last key tile is peeled out of the loop and masked by a
-compile-time switch: a runtime branch inside the loop made ptxas wait for every wgmma before
-the softmax.
-
-What the unrolled loop changes: in most steps a warpgroup waits for its own PV before its
-exponentials (``wgmma.wait_group 1`` followed soon by ``0`` in the SASS). That is ptxas's
-scheduling, not a register conflict: in the loop's steps (shipped build, and one tile per
-iteration) no instruction before the second wait writes a register an in-flight wgmma uses, and
-the first that does comes 166-187 instructions after it (the new P's conversion into PV's
-operand registers); the wait names P only in a PTX comment, so nothing ties the exponentials
-before it (``attention_wgmma_diagnostics_h200.txt`` section 12; an earlier reading of the SASS
-blamed register reuse, which these checks do not bear out). Two tiles per iteration cost 80-420
-bytes of spills at 2 stages (Triton 3.6; none in the loop body at 3) and are 3-5% faster at 3
-stages, a gain measured, not explained by overlap.
-
-``P_SMEM`` (``p_smem=True``, off) takes that wait away and prices it: P goes through two
-shared-memory buffers per warpgroup (PV's A operand from shared memory); every step's 64
-exponentials then run while the warpgroup's own PV is in flight (SASS), with no spills and the
-same output bit for bit, but the best such schedule is 4-5% slower than the default in the
-same run (701 / 716 against 734 / 750 TFLOP/s,
-``benchmarks/results/attention_wgmma_p_smem_h200.json``): the stores, the fence and the
-warpgroup barrier per tile cost more than the overlap brings. Overlapping a warpgroup's
-softmax with its own PV is not what this kernel is short of.
-
-Three more schedules measured slower (``benchmarks/results/attention_wgmma_diagnostics_h200.txt``,
-kernel copies not kept): three consumer warpgroups (192 rows per CTA) spill at the 160 registers
-each can have (0.83x cuDNN); a clock read before the PV wait makes ptxas run the softmax during
-the warpgroup's own PV with P in registers (1.08-1.29x over six schedules against the default's
-1.33x); the ping-pong barriers around the softmax instead of the issue, so that the two
-warpgroups never share the exponential unit, 1.16-1.21x. Clock stamps in the kernel put the
-softmax at 1,240-1,590 clocks per tile and warpgroup against 768 clocks of tensor work per
-warpgroup and tile, and Nsight Compute finds the consumers issuing the softmax, not waiting for
-the tensor cores: the softmax is what bounds this kernel. Copies without the exponentials (a
-float max instead) and without any softmax run at 1.43x and 1.64x cuDNN where this kernel runs
-at 1.36x (section 11 there); pinning the exponentials between the two waits with a clock read is
-slower again on the current kernel (section 14), and starting the consumers out of phase
-changes nothing (section 10).
-
-``SUM_MMA`` (``sum_mma=True``, off by default) takes P's row sums on the tensor cores (a
-64x8 product of P with a tile of ones per PV) instead of one float add per probability: 25%
-fewer instructions in the softmax, but 2-7% slower on the H200
-(``benchmarks/results/attention_wgmma_sum_mma_h200.json``; 5% / 26% at the 1.3B / 14B shapes
-with the query in registers, ``attention_wgmma_diagnostics_h200.txt`` section 13): the kernel
-is not issue-bound.
-
-``PV8`` (``run_wgmma_attention(..., pv8=True)``, experiments only: over the 2e-2 bound and
-slower than BF16 PV as built; docs/performance.md has the figures) swaps BF16 PV for INT8 PV:
-V centered and rounded per channel (:func:`.int8_triton.quantize_v`), stored channel-major with
-the tokens of each 16 reordered so that the scores' registers are already an INT8 A operand;
-P is ``254 * exp2(score - the row's tile maximum) - 127`` in int8, with 127 x the tile's column
-sums of V added back to the int32 product, and each tile weighed against the running maximum
-when it goes into the fp32 accumulator. Emulated by
-``quantization.int8_attention_reference(..., pv_int8=True)``.
+How it gets there, briefly (docs/sd_int8_wgmma.md has each choice with its measurements): the
+softmax takes each tile's row maximum on the int32 scores and meets key scale, query scale and
+maximum in one multiply-add per score (``FOLD``); each key scale is loaded a step ahead;
+rescaling is lazy (a row's reference moves only past :data:`LAZY_THRESHOLD`, and a warp whose
+rows did not move skips the multiplies, :func:`_rescale`); the row sums are kept as each
+thread's share (:func:`_thread_row_sums`); the last key tile is peeled out of the loop. The
+bounded launch: a row's scores are at most ``|q_i| max_j |k_j|`` and its reference, tile 0's
+maximum, at least its score with key 0; where that gap B (log2 units) is small enough for a
+warpgroup's 64 rows that neither the row sums (``N 2**B``) nor the accumulator (``N 2**B max
+|v|``) can pass 2**126, the warpgroup runs a copy of the loop without row maxima or rescaling
+(:func:`_softmax_bounded`), decided per warpgroup inside the kernel (:func:`_consumer16`). The
+query quantized apart (``q_in=False``, and the switches that keep the query in shared memory)
+takes the older path: :func:`.int8_triton.bound_flags` flags blocks of 192 (or 128) rows and
+the kernel is launched twice (``RUN`` 1 and 2). On the H200 the kernel runs at the 700 W
+power cap, so a call's time is its energy; the softmax, not the tensor cores, is what bounds
+it. The other switches (``pingpong``, ``p_smem``, ``sum_mma``, ``pv8``, ``stages``,
+``unroll``, ``overlap_qk``, ``q_regs``) are kept for the measurements that priced them; INT8
+PV lives in :mod:`.int8_wgmma_pv8`.
 
 Inputs: ``q [B, H, Sq, D]``, ``k, v [B, H, Sk, D]``, bf16 on an sm_90 GPU, ``D = 128``, any
 strides with the channels contiguous; output ``[B, H, Sq, D]`` (a view of ``[B, Sq, H, D]``)
 and the natural-log LSE ``[B, H, Sq]``. Needs Triton >= 3.6 (Gluon). One
 ``torch.library.custom_op`` (``smartdiff::int8_wgmma_attention``) with a fake for tracing.
 
-Talks to: :mod:`.int8_triton` (quantization), torch, Triton's Gluon; chosen through
-:mod:`smartdiff.attention.registry`.
+Talks to: :mod:`.int8_triton` (quantization), :mod:`.int8_wgmma_parts` and
+:mod:`.int8_wgmma_pv8` (the consumers' shared pieces, INT8 PV), torch, Triton's Gluon; chosen
+through :mod:`smartdiff.attention.registry`.
 """
 
 from __future__ import annotations
@@ -206,6 +74,18 @@ from smartdiff.attention.int8_triton import (
     quantize_query,
     quantize_v,
 )
+from smartdiff.attention.int8_wgmma_parts import (
+    INT_TO_FLOAT_BITS,
+    LN2,
+    WG_ROWS,
+    _first_scores,
+    _give_turn,
+    _key_scale,
+    _query_operand,
+    _scores,
+    _take_turn,
+)
+from smartdiff.attention.int8_wgmma_pv8 import _consumer8
 from smartdiff.attention.quantization import check_qkv
 
 OP_NAME: Final = "smartdiff::int8_wgmma_attention"
@@ -213,7 +93,6 @@ HEAD_DIM: Final = 128
 BLOCK_N: Final = 64  # keys per tile (and per K scale), BF16 PV
 CONSUMERS: Final = 3  # consumer warpgroups per CTA, BF16 PV
 PV8_BLOCK_N: Final = 128  # INT8 PV: 128-key tiles, two consumers
-WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one wgmma M)
 # shared-memory ring depth by consumers (K + V: 24 KiB a stage at 64 keys, 48 KiB at 128)
 STAGES: Final = {3: 4, 2: 3}
 UNROLL: Final = 2  # key tiles per loop iteration (BF16 PV)
@@ -225,14 +104,8 @@ SHARED_MEMORY: Final = 232448  # bytes a CTA may have on sm_90 (227 KiB)
 WG0 = gl.constexpr(0)
 WG1 = gl.constexpr(1)
 WG2 = gl.constexpr(2)
-# the bits of 1.5 * 2**23: added to an int32 |s| < 2**22 they make the float s + 1.5 * 2**23
-INT_TO_FLOAT_BITS = gl.constexpr(0x4B400000)
-INT_TO_FLOAT_OFFSET = gl.constexpr(-12582912.0)  # -1.5 * 2**23
-LN2 = gl.constexpr(0.6931471805599453)
 # the query's pre-scale, log2(e) / sqrt(128), as quantize_query passes it (rounded to fp32)
 Q_PRE_SCALE = gl.constexpr(1.4426950408889634 / math.sqrt(HEAD_DIM))
-LOG2_P_MAX = gl.constexpr(7.988684686772166)  # log2(254): INT8 P is 254 * exp2(s - max) - 127
-P_ROUNDING = gl.constexpr(12582912.0 - 127.0)  # 1.5 * 2**23 - 127
 # lazy rescaling: a row's reference maximum moves only when a tile's maximum passes it by more
 # than this (log2 units), so P stays below 2**8 and most steps keep their accumulator as is
 LAZY_THRESHOLD = gl.constexpr(8.0)
@@ -265,13 +138,6 @@ def _rescale(acc, alpha):
     (it has no warp-uniform scalar short of a reduction through shared memory), so it is PTX."""
     return gl.inline_asm_elementwise(_RESCALE_ASM, _RESCALE_CONSTRAINTS, [acc, alpha[:, None]],
                                      dtype=gl.float32, is_pure=True, pack=RESCALE_PACK)  # fmt: skip
-
-
-@gluon.jit
-def _key_scale(ks_ptr, key0):
-    """The tile's key scale and the addend that removes the int->float offset."""
-    scale = gl.load(ks_ptr + key0)
-    return scale, scale * INT_TO_FLOAT_OFFSET
 
 
 @gluon.jit
@@ -346,51 +212,6 @@ def _row_total(l_i, layout: gl.constexpr):
 
 
 @gluon.jit
-def _softmax8(s, scale, offset, q_scale, m_i, l_i, key0, seq_k, MASK: gl.constexpr):
-    """``_softmax`` (folded) for INT8 PV: P relative to each row's maximum in this tile, times
-    254, minus 127 and rounded to int8 (the whole signed range; PV adds 127 x V's column sums
-    back), its columns reordered to the INT8 A-operand order
-    (:func:`.int8_kernels.pv8_position`), and ``beta``, the tile's weight against the running
-    maximum (``alpha`` rescales what was accumulated before)."""
-    u = (s + INT_TO_FLOAT_BITS).to(gl.float32, bitcast=True)
-    if MASK:
-        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
-        valid = (cols < seq_k)[None, :]
-        s_max = gl.max(gl.where(valid, s, -2147483647), axis=1)
-    else:
-        s_max = gl.max(s, axis=1)
-    row_scale = q_scale * scale
-    t_max = s_max.to(gl.float32) * row_scale
-    m_new = gl.maximum(m_i, t_max)
-    x = gl.fma(u, row_scale[:, None], (q_scale * offset - t_max + LOG2_P_MAX)[:, None])
-    if MASK:
-        x = gl.where(valid, x, float("-inf"))
-    p = gl.exp2(x)  # 254 * exp2(score - the row's tile maximum), in [0, 254]
-    alpha = gl.exp2(m_i - m_new)
-    beta = gl.exp2(t_max - m_new)
-    l_i = l_i * alpha + beta * gl.sum(p, axis=1)
-    # p - 127 + 1.5 * 2**23 rounds p - 127 to an integer, which the float's low byte holds
-    p8 = (p + P_ROUNDING).to(gl.int32, bitcast=True).to(gl.int8)
-    rows: gl.constexpr = s.shape[0]
-    groups: gl.constexpr = s.shape[1] // 16
-    p8 = gl.reshape(gl.permute(gl.reshape(p8, [rows, groups, 2, 4, 2]), (0, 1, 3, 2, 4)),
-                    [rows, s.shape[1]])  # fmt: skip
-    return p8, alpha, beta, m_new, l_i
-
-
-@gluon.jit
-def _accumulate8(acc, pv, alpha, beta, sums_ptr):
-    """``acc * alpha + beta * sum (P + 127) V``: the int32 PV turned into fp32 by the bits
-    trick, its per-channel addend (``0x4B400000 + 127 x`` the tile's column sums of V) read
-    from ``sums_ptr`` (:func:`.int8_kernels.quantize_v_kernel`); the float offset goes in with
-    the rescale (its rounding is below 1e-4 of a tile's sum)."""
-    cols = gl.arange(0, pv.shape[1], layout=gl.SliceLayout(0, pv.type.layout))
-    f = (pv + gl.load(sums_ptr + cols)[None, :]).to(gl.float32, bitcast=True)
-    rescaled = gl.fma(acc, alpha[:, None], (beta * INT_TO_FLOAT_OFFSET)[:, None])
-    return gl.fma(f, beta[:, None], rescaled)
-
-
-@gluon.jit
 def _to_bf16(x):
     """fp32 -> bf16, two at a time into one register (``cvt.rn.bf16x2.f32``): the pair a
     thread holds side by side in the scores is the pair the A operand wants in one register;
@@ -422,50 +243,6 @@ def _row_sums(p, ones, l_i, alpha):
 
 
 @gluon.jit
-def _take_turn(turn, WG: gl.constexpr, count, PINGPONG: gl.constexpr):
-    """Wait until the other consumer has issued its products (warpgroup 0 goes first)."""
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), (count & 1) ^ (1 - WG))
-
-
-@gluon.jit
-def _give_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG))
-
-
-@gluon.jit
-def _query_operand(q_smem, WG: gl.constexpr, s_layout: gl.constexpr, Q_REGS: gl.constexpr):
-    """This warpgroup's INT8 query tile as QK^T's A operand: loaded into registers once (16
-    per thread) with ``Q_REGS``, else the shared-memory view that every QK^T reads again."""
-    q_view = q_smem.index(WG).reshape([WG_ROWS, q_smem.shape[-1]])
-    if Q_REGS:
-        q_view = q_view.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4))
-    return q_view
-
-
-@gluon.jit
-def _scores(q_view, k_smem, stage, s_zero):
-    """Issue QK^T of the key tile in ring ``stage`` (async; int32)."""
-    k_tile = k_smem.index(stage).reshape([s_zero.shape[1], q_view.shape[1]]).permute((1, 0))
-    return warpgroup_mma(q_view, k_tile, s_zero, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_ptr, s_zero, WG: gl.constexpr,
-                  PINGPONG: gl.constexpr):  # fmt: skip
-    """Tile 0's int32 scores (waited for; its K stage released) and its key scale."""
-    scale, offset = _key_scale(ks_ptr, 0)
-    mbarrier.wait(k_full.index(0), 0)
-    _take_turn(turn, WG, 0, PINGPONG)
-    s_tok = _scores(q_view, k_smem, 0, s_zero)
-    _give_turn(turn, WG, PINGPONG)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(k_empty.index(0))
-    return s, scale, offset
-
-
-@gluon.jit
 def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
           OVERLAP_QK: gl.constexpr, FOLD: gl.constexpr, MASK: gl.constexpr,
           SUM_MMA: gl.constexpr, P_SMEM: gl.constexpr, BOUNDED: gl.constexpr):  # fmt: skip
@@ -482,7 +259,7 @@ def _step(ctx, n, state, WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.co
     vs = (n - 1) % STAGES
     if MASK:  # the last tile: nothing after it
         next_scale, next_offset = scale, offset
-    else:  # a step ahead of its use: a load right before the softmax stalled it (see above)
+    else:  # a step ahead of its use: a load right before the softmax stalled it (32% of stalls)
         next_scale, next_offset = _key_scale(ks_ptr, (n + 1) * block_n)
     if not BOUNDED:  # before the products are issued (nothing in flight: the branch does not
         acc = _rescale(acc, gl.convert_layout(alpha, row_o))  # stall a wgmma)
@@ -746,109 +523,6 @@ def _consumer_body(q_view, q_scale, k_smem, v_smem, ones, p_smem, k_full, k_empt
 
 
 @gluon.jit
-def _step8(q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_ptr, sums_ptr,
-           seq_k, n, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero,
-           WG: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-           MASK: gl.constexpr):  # fmt: skip
-    """Key tile n with INT8 PV: PV of tile n - 1 into the fp32 accumulator, then QK^T of tile
-    n and its softmax, one product in flight at a time per warpgroup (the other warpgroup's
-    fill the tensor cores meanwhile). With both in flight -- PV's and QK^T's int32
-    accumulators, the fp32 one and P's int8 values (one register each until the wgmma packs
-    them) -- ptxas spills 580 bytes (Triton 3.6)."""
-    block_n: gl.constexpr = s_zero.shape[1]
-    ks = n % STAGES
-    vs = (n - 1) % STAGES
-    scale, offset = _key_scale(ks_ptr, n * block_n)
-    mbarrier.wait(v_full.index(vs), ((n - 1) // STAGES) & 1)
-    _take_turn(turn, WG, n, PINGPONG)
-    pv_tok = _values8(p, v_smem, vs, s_zero)
-    # (P is not among the dependencies: the wait cannot carry an 8-bit operand, and the next
-    # P is written only after this wait)
-    pv = warpgroup_mma_wait(0, deps=(pv_tok,))
-    mbarrier.arrive(v_empty.index(vs))
-    acc = _accumulate8(acc, pv, alpha, beta, sums_ptr + (n - 1) * acc.shape[1])
-    mbarrier.wait(k_full.index(ks), (n // STAGES) & 1)
-    s_tok = _scores(q_view, k_smem, ks, s_zero)
-    _give_turn(turn, WG, PINGPONG)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(k_empty.index(ks))
-    p8, alpha, beta, m_i, l_i = _softmax8(s, scale, offset, q_scale, m_i, l_i, n * block_n,
-                                          seq_k, MASK)  # fmt: skip
-    return acc, gl.convert_layout(p8, p.type.layout), alpha, beta, m_i, l_i
-
-
-@gluon.jit
-def _values8(p, v_smem, stage, s_zero):
-    """Issue P V of the (channel-major INT8) value tile in ring ``stage`` (async; int32)."""
-    head_dim: gl.constexpr = s_zero.shape[1]
-    v_tile = v_smem.index(stage).reshape([head_dim, p.shape[1]]).permute((1, 0))
-    return warpgroup_mma(p, v_tile, s_zero, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _consumer8(q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty, turn,
-               qs_ptr, ks_ptr, shift_ptr, vs_ptr, vm_ptr, sums_ptr, out_ptr, lse_ptr, seq_q,
-               seq_k, n_tiles, b, h, bh, off_m, stride_ob, stride_oh, stride_os,
-               WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               STAGES: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
-    """``_consumer`` with INT8 PV: scores and values share one int32 accumulator layout."""
-    BLOCK_M: gl.constexpr = WG_ROWS
-    gl.static_assert(BLOCK_N == HEAD_DIM)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-    )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    row0 = off_m + WG * BLOCK_M
-    offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-    row_ok = offs_m < seq_q
-    q_scale = gl.load(qs_ptr + bh * seq_q + offs_m, mask=row_ok, other=1.0)
-    ks_base = ks_ptr + bh * seq_k
-    sums_base = sums_ptr + bh * n_tiles * HEAD_DIM
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, s_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
-
-    mbarrier.wait(q_bar, 0)
-    q_view = _query_operand(q_smem, WG, s_layout, False)
-    s, scale, offset = _first_scores(q_view, k_smem, k_full, k_empty, turn, ks_base, s_zero, WG,
-                                     PINGPONG)  # fmt: skip
-    p8, alpha, beta, m_i, l_i = _softmax8(s, scale, offset, q_scale, m_i, l_i, 0, seq_k, True)
-    p = gl.convert_layout(p8, p_layout)
-    for n in range(1, n_tiles - 1):
-        acc, p, alpha, beta, m_i, l_i = _step8(
-            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, sums_base,
-            seq_k, n, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero, WG, STAGES, PINGPONG,
-            False,
-        )  # fmt: skip
-    if n_tiles > 1:
-        acc, p, alpha, beta, m_i, l_i = _step8(
-            q_view, k_smem, v_smem, k_full, k_empty, v_full, v_empty, turn, ks_base, sums_base,
-            seq_k, n_tiles - 1, acc, p, alpha, beta, m_i, l_i, q_scale, s_zero, WG, STAGES,
-            PINGPONG, True,
-        )  # fmt: skip
-    last = n_tiles - 1
-    mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
-    pv = warpgroup_mma_wait(0, deps=(_values8(p, v_smem, last % STAGES, s_zero),))
-    mbarrier.arrive(v_empty.index(last % STAGES))
-    acc = _accumulate8(acc, pv, alpha, beta, sums_base + last * HEAD_DIM)
-
-    total = gl.where(l_i > 0, l_i, 1.0)
-    cols = gl.arange(0, HEAD_DIM, layout=col_s)
-    v_scale = gl.load(vs_ptr + bh * HEAD_DIM + cols)
-    v_mean = gl.load(vm_ptr + bh * HEAD_DIM + cols)
-    out = gl.fma(acc / total[:, None], v_scale[None, :], v_mean[None, :])
-    rows = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-    dst = out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :]
-    gl.store(dst, out.to(gl.bfloat16), mask=(rows < seq_q)[:, None])
-    shift = gl.load(shift_ptr + bh * seq_q + offs_m, mask=row_ok, other=0.0)
-    lse2 = m_i + gl.log2(total) - LOG2_P_MAX + shift
-    gl.store(lse_ptr + bh * seq_q + offs_m, lse2 * LN2, mask=row_ok)
-
-
-@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty,
               v_full, v_empty, b, h, off_m, n_tiles,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PV8: gl.constexpr,
@@ -1045,7 +719,8 @@ def run_wgmma_attention(
     block_n: int | None = None,
     q_in: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel with its schedule switches (module docstring): ``(out, lse)``; ``unroll``
+    """The kernel with its schedule switches (module docstring; each priced in
+    docs/sd_int8_wgmma.md): ``(out, lse)``; ``unroll``
     defaults to 2 (1 with ``pv8``, which has no unrolled loop); ``p_smem`` (BF16 PV only)
     needs ``stages <= 3`` (shared memory); ``q_regs`` (BF16 PV only: with INT8 PV ptxas spills
     244 instead of 40 bytes) keeps the query tile in registers; ``q_in`` (with ``q_regs``, BF16
