@@ -36,6 +36,21 @@ P_SHIFT: tl.constexpr = tl.constexpr(P_SHIFT_FP8)  # FP8 PV: P scaled by 2^P_SHI
 
 
 @triton.jit
+def int8_scale(amax):
+    """The INT8 scale of values whose largest magnitude is ``amax``: ``amax / 127`` (floored at
+    1e-20, so an all-zero block quantizes to zeros) cut to 21 significant bits, so that the
+    attention kernels' ``-1.5 * 2**23 * scale`` is exact (``quantization.short_mantissa``)."""
+    scale = tl.maximum(amax, 1e-20) / 127.0
+    return (scale.to(tl.int32, bitcast=True) & -8).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_int8(y):
+    """``y`` (within [-127.5, 127.5)) rounded half away from zero to int8."""
+    return (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+
+
+@triton.jit
 def quantize_kernel(
     x_ptr,
     mean_ptr,
@@ -87,15 +102,11 @@ def quantize_kernel(
             dot_ptr + pid_bh.to(tl.int64) * seq_len + rows, tl.sum(x * mean[None, :], 1), mask=valid
         )
     amax = tl.max(tl.reshape(tl.abs(x), (ROWS // SCALE_ROWS, SCALE_ROWS * HEAD_DIM)), axis=1)
-    scale = tl.maximum(amax, 1e-20) / 127.0
-    # 21 significant bits, so that the attention kernel's -1.5 * 2^23 * scale is exact
-    # (quantization.short_mantissa)
-    scale = (scale.to(tl.int32, bitcast=True) & -8).to(tl.float32, bitcast=True)
+    scale = int8_scale(amax)
     row_scale = tl.reshape(
         tl.broadcast_to(scale[:, None], (ROWS // SCALE_ROWS, SCALE_ROWS)), (ROWS,)
     )
-    y = x / row_scale[:, None]
-    quantized = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+    quantized = round_int8(x / row_scale[:, None])
     dst = out_ptr + pid_bh.to(tl.int64) * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM
     tl.store(dst + cols[None, :], quantized, mask=valid[:, None])
     tl.store(scale_ptr + pid_bh.to(tl.int64) * seq_len + rows, row_scale, mask=valid)
@@ -148,8 +159,7 @@ def quantize_v_kernel(
     dst = out_ptr + pid_bh.to(tl.int64) * HEAD_DIM * padded_len
     if INT8:
         y = tl.minimum(tl.maximum((v - mean[None, :]) / scale[None, :], -127.0), 127.0)
-        y = tl.where(valid[:, None], y, 0.0)
-        quantized = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+        quantized = round_int8(tl.where(valid[:, None], y, 0.0))
         where = cols[None, :] * padded_len + pv8_position(rows)[:, None]
         tl.store(dst + where, quantized, mask=(rows < padded_len)[:, None])
         sums = tl.sum(quantized.to(tl.int32), axis=0) * 127 + 0x4B400000
@@ -202,10 +212,9 @@ def quantize_keys_kernel(k_ptr, v_ptr, partial_ptr, mean_ptr, out_ptr, scale_ptr
                          stride_vh, stride_vs, ROWS: tl.constexpr, D: tl.constexpr,
                          SPLITS: tl.constexpr):  # fmt: skip
     """K smoothed by its mean (the sum of :func:`key_sums_kernel`'s ``splits`` partial sums
-    over ``seq_k``, read as one ``[SPLITS, D]`` tile (``SPLITS`` a power of two >= ``splits``:
-    one load, not a chain of ``splits`` dependent ones); program 0 of each (batch, head)
-    stores it into ``mean_ptr [BH, D]``) and
-    quantized as :func:`quantize_kernel` does with one scale per ``ROWS`` keys, into ``out_ptr
+    over ``seq_k``, read as one ``[SPLITS, D]`` tile, ``SPLITS`` a power of two >= ``splits``;
+    program 0 of each (batch, head) stores it into ``mean_ptr [BH, D]``) and quantized as
+    :func:`quantize_kernel` does with one scale per ``ROWS`` keys, into ``out_ptr
     [BH, S, D]`` int8 and ``scale_ptr [BH, S]``; and the two maxima of the bounded launch,
     ``max_j |k_j|`` (the int8 values dequantized) and ``max |v_jd|``, atomically into
     ``kv_max_ptr [BH, 2]`` (zeros). V is read here, in the same pass over the keys, so no
@@ -226,10 +235,8 @@ def quantize_keys_kernel(k_ptr, v_ptr, partial_ptr, mean_ptr, out_ptr, scale_ptr
     src = k_ptr + b * stride_kb + h * stride_kh + rows.to(tl.int64)[:, None] * stride_ks
     x = tl.load(src + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     x = tl.where(ok[:, None], x - mean[None, :], 0.0)
-    scale = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-20) / 127.0
-    scale = (scale.to(tl.int32, bitcast=True) & -8).to(tl.float32, bitcast=True)  # 21 bits
-    y = x / scale
-    quantized = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int8)
+    scale = int8_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    quantized = round_int8(x / scale)
     dst = out_ptr + bh.to(tl.int64) * seq_k * D + rows.to(tl.int64)[:, None] * D + cols[None, :]
     tl.store(dst, quantized, mask=ok[:, None])
     tl.store(scale_ptr + bh.to(tl.int64) * seq_k + rows, tl.zeros([ROWS], tl.float32) + scale,

@@ -79,7 +79,7 @@ K_ROWS: Final = SPARSE_K_BLOCK  # key rows per quantization program (and pooled 
 BOUND_LOG2: Final = 126.0  # bound_flags keeps the bounded launch's sums below 2**this
 KEY_SPLITS: Final = 16  # quantize_keys: partial sums of K per (batch, head) for its mean
 KEY_SUM_ROWS: Final = 64  # ... each taken over tiles of this many keys
-KEY_WARPS: Final = 4  # per quantize_keys program (8 measured 5-13% slower on the H200)
+KEY_WARPS: Final = 4  # per quantize_keys program (8 measured 5-39% slower on the H200)
 V_ROWS: Final = 64
 V8_TILE: Final = 128  # INT8 V: tokens per column sum (one key tile of sd-int8-wgmma)
 FP8_PAD: Final = 16  # FP8 V rows are padded to a multiple of this (16-byte aligned strides)
@@ -331,6 +331,12 @@ def quantize_query(
     return values, scales, shift
 
 
+def bound_limit(seq_k: int) -> float:
+    """The most B (log2 units, :func:`bound_flags`) may be, before ``log2 max(max |v|, 1)`` is
+    taken off, for ``seq_k`` keys: ``BOUND_LOG2 - log2 seq_k``."""
+    return BOUND_LOG2 - math.log2(seq_k)
+
+
 def bound_flags(
     q8: torch.Tensor, q_scale: torch.Tensor, keys: QuantizedKeys, rows: int
 ) -> torch.Tensor:
@@ -356,7 +362,7 @@ def bound_flags(
     flags = torch.empty((pairs, triton.cdiv(seq_q, rows)), dtype=torch.int32, device=q8.device)
     bound_flags_kernel[(flags.shape[1], pairs)](
         q8, q_scale, keys.values, keys.scales, keys.kv_max, flags, seq_q, seq_k,
-        BOUND_LOG2 - math.log2(seq_k), part, rows // part, dim,
+        bound_limit(seq_k), part, rows // part, dim,
     )  # fmt: skip
     return flags
 

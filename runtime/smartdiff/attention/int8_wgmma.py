@@ -67,8 +67,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from smartdiff.attention.int8_triton import (
-    BOUND_LOG2,
     bound_flags,
+    bound_limit,
     channels_last,
     quantize_keys,
     quantize_query,
@@ -86,7 +86,7 @@ from smartdiff.attention.int8_wgmma_parts import (
     _take_turn,
 )
 from smartdiff.attention.int8_wgmma_pv8 import _consumer8
-from smartdiff.attention.quantization import check_qkv
+from smartdiff.attention.quantization import LOG2E, check_qkv
 
 OP_NAME: Final = "smartdiff::int8_wgmma_attention"
 HEAD_DIM: Final = 128
@@ -105,7 +105,7 @@ WG0 = gl.constexpr(0)
 WG1 = gl.constexpr(1)
 WG2 = gl.constexpr(2)
 # the query's pre-scale, log2(e) / sqrt(128), as quantize_query passes it (rounded to fp32)
-Q_PRE_SCALE = gl.constexpr(1.4426950408889634 / math.sqrt(HEAD_DIM))
+Q_PRE_SCALE = gl.constexpr(LOG2E / math.sqrt(HEAD_DIM))
 # lazy rescaling: a row's reference maximum moves only when a tile's maximum passes it by more
 # than this (log2 units), so P stays below 2**8 and most steps keep their accumulator as is
 LAZY_THRESHOLD = gl.constexpr(8.0)
@@ -672,18 +672,16 @@ def _descriptor(
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
 
 
-def _shared_bytes(
-    consumers: int, block_n: int, stages: int, q_in: bool, pv8: bool, p_smem: bool
-) -> int:
-    """An upper estimate of the kernel's shared memory: the query tiles (bf16 with ``q_in``),
-    the K and V ring, P's buffers, the tile of ones, barriers, and with ``q_in`` one int8 query
-    tile per warpgroup for the layout conversion of the quantized query (Triton 3.6 compiled
-    172,816 and 245,904 bytes where this says 174,080 and 248,832)."""
-    query = consumers * WG_ROWS.value * HEAD_DIM * (2 if q_in else 1)
-    ring = stages * block_n * HEAD_DIM * (2 if pv8 else 3)
-    converted = consumers * WG_ROWS.value * HEAD_DIM if q_in else 0
-    p_buffers = 4 * WG_ROWS.value * block_n * 2 if p_smem else 0
-    return query + ring + converted + p_buffers + 8 * block_n * 2 + 1024
+def _q_in_shared_bytes(consumers: int, block_n: int, stages: int) -> int:
+    """An upper estimate of the shared memory of the build that quantizes the query
+    (``Q_IN``, BF16 PV, no P buffers): the bf16 query tiles, the int8 K and bf16 V ring, one
+    int8 query tile per warpgroup for the layout conversion of the quantized query, the tile of
+    ones and the barriers (Triton 3.6 compiled 147,536 to 245,904 bytes in six configurations,
+    1.1-3.0 KB under this)."""
+    query = consumers * WG_ROWS.value * HEAD_DIM * 2
+    ring = stages * block_n * HEAD_DIM * 3
+    converted = consumers * WG_ROWS.value * HEAD_DIM
+    return query + ring + converted + 8 * block_n * 2 + 1024
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -779,7 +777,7 @@ def run_wgmma_attention(
         q_in
         and q_regs
         and not (pv8 or p_smem)
-        and _shared_bytes(consumers, block_n, stages, True, pv8, p_smem) <= SHARED_MEMORY
+        and _q_in_shared_bytes(consumers, block_n, stages) <= SHARED_MEMORY
     )
     bounded = bounded and fold and not (pv8 or sum_mma)
     cta_rows = consumers * WG_ROWS.value
@@ -805,7 +803,7 @@ def run_wgmma_attention(
         q_scale, keys.scales, shift, v_scale, v_mean, sums, out, lse, flags,
         keys.mean, keys.values, keys.kv_max,
         seq_q, seq_k, heads, out.stride(0), out.stride(2), out.stride(1),
-        BOUND_LOG2 - math.log2(seq_k),
+        bound_limit(seq_k),
     )  # fmt: skip
     for run in runs:
         wgmma_attention_kernel[(triton.cdiv(seq_q, cta_rows), batch * heads)](
