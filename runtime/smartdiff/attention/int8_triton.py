@@ -77,7 +77,10 @@ HEAD_DIMS: Final = (64, 128)
 Q_ROWS: Final = SPARSE_Q_BLOCK  # query rows per quantization program (and pooled block)
 K_ROWS: Final = SPARSE_K_BLOCK  # key rows per quantization program (and pooled block)
 BOUND_LOG2: Final = 126.0  # bound_flags keeps the bounded launch's sums below 2**this
-KEY_SPLITS: Final = 16  # quantize_keys: partial sums of K per (batch, head) for its mean
+# quantize_keys: partial sums of K per (batch, head) for its mean, 16 to 32: enough programs
+# for ~4 per SM of an H200 (KEY_PROGRAMS); each partial costs the quantizing pass a little
+KEY_SPLITS: Final = (16, 32)
+KEY_PROGRAMS: Final = 512
 KEY_SUM_ROWS: Final = 64  # ... each taken over tiles of this many keys
 KEY_WARPS: Final = 4  # per quantize_keys program (8 measured 5-39% slower on the H200)
 V_ROWS: Final = 64
@@ -297,7 +300,8 @@ def quantize_keys(k: torch.Tensor, v: torch.Tensor, rows: int) -> QuantizedKeys:
         raise ValueError(f"quantize_keys: rows={rows} must be 64 or 128 (one key tile)")
     batch, heads, tokens, dim = k.shape
     pairs = batch * heads
-    splits = max(1, min(KEY_SPLITS, triton.cdiv(tokens, KEY_SUM_ROWS)))
+    splits = min(max(KEY_SPLITS[0], triton.cdiv(KEY_PROGRAMS, pairs)), KEY_SPLITS[1])
+    splits = max(1, min(splits, triton.cdiv(tokens, KEY_SUM_ROWS)))
     chunk = triton.cdiv(triton.cdiv(tokens, splits), KEY_SUM_ROWS) * KEY_SUM_ROWS
     splits = triton.cdiv(tokens, chunk)  # none empty
     partial = torch.empty((pairs, splits, dim), dtype=torch.float32, device=k.device)
@@ -314,7 +318,7 @@ def quantize_keys(k: torch.Tensor, v: torch.Tensor, rows: int) -> QuantizedKeys:
     quantize_keys_kernel[(triton.cdiv(tokens, rows), pairs)](
         k, v, partial, keys.mean, keys.values, keys.scales, keys.kv_max, tokens, heads, splits,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), rows, dim,
-        KEY_SPLITS, num_warps=KEY_WARPS,
+        triton.next_power_of_2(splits), num_warps=KEY_WARPS,
     )  # fmt: skip
     return keys
 
