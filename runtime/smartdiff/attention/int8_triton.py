@@ -292,10 +292,11 @@ def quantize_keys(k: torch.Tensor, v: torch.Tensor, rows: int) -> QuantizedKeys:
     """K's mean in two small passes (:func:`.int8_kernels.key_sums_kernel`: fixed-order fp32
     partial sums, so the result does not depend on scheduling), then one pass that quantizes K
     and reads V for the maxima (:func:`.int8_kernels.quantize_keys_kernel`); ``k, v [B, H, S,
-    D]`` with the channels contiguous, ``rows`` 64 or 128. A little faster than a torch mean,
+    D]`` with the channels contiguous, ``rows`` 64 or 128. 16 to 32 partial sums per (batch,
+    head), enough for ~:data:`KEY_PROGRAMS` programs. Faster than a torch mean,
     :func:`quantize_qk`'s quantization of K and a separate pass for the maxima that re-reads
-    the int8 K (H200: 141 against 149 us at the 1.3B Wan shape, 0.87-0.89 against 0.94 ms at
-    14B); the larger saving is the query's, quantized inside ``sd-int8-wgmma``."""
+    the int8 K (H200: 36 + 86 = 122 against 149 us at the 1.3B Wan shape, 0.87-0.89 against
+    0.94 ms at 14B); the larger saving is the query's, quantized inside ``sd-int8-wgmma``."""
     if rows not in (64, 128):
         raise ValueError(f"quantize_keys: rows={rows} must be 64 or 128 (one key tile)")
     batch, heads, tokens, dim = k.shape
