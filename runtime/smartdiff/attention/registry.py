@@ -213,8 +213,9 @@ BACKENDS: Final[tuple[AttentionSpec, ...]] = (
     ),
 )
 
-# Fastest first, per device family, as measured at the Wan shapes (benchmarks/attention.py and attention_timing.py,
-# H200, benchmarks/results/attention_h200*.json and attention_timing_rounds30_1.3b_h200.json):
+# Fastest first, per device family, as measured at the Wan shapes (benchmarks/attention.py and
+# attention_timing.py, H200, benchmarks/results/attention_h200*.json and
+# attention_timing_rounds30_1.3b_h200.json):
 # sd-int8-wgmma 1.51x / 1.56x cuDNN SDPA (1.2e-2 relative error), cuDNN, sd-int8 0.95x / 0.99x,
 # FA2 0.62x / 0.63x (1.3B / 14B shapes).
 _AUTO_ORDER: Final[dict[str, tuple[str, ...]]] = {
