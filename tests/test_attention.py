@@ -451,7 +451,8 @@ _INTERPRETED_CHECK = textwrap.dedent("""
         excess.append(float((scores.amax(-1) - top).max()))  # Cauchy-Schwarz: <= 0
     result["bound"] = [flags, expect, max(excess)]
     # sd-int8-wgmma's keys against quantize_qk's (a torch mean) and PyTorch: the mean in
-    # partial sums (16 splits of 64 keys at 1100 tokens), K, its scales, max |k| and max |v|
+    # partial sums (18 splits of 64 keys at 1100 tokens: a 32-row tile of partials, masked),
+    # K, its scales, max |k| and max |v|
     kl = (torch.randn(1, 2, 1100, 64, generator=g) + 3).bfloat16()
     vl = torch.randn(1, 1100, 2, 64, generator=g) * torch.tensor([1.0, 7.0]).view(1, 1, 2, 1)
     vl = vl.bfloat16().transpose(1, 2)  # the DiT's strided view
